@@ -1,0 +1,1135 @@
+"""
+Class-conditional DDPM on CIFAR-10 with classifier-free guidance (CFG), in one file.
+
+What it teaches: how a diffusion model is told *what* to draw. A U-Net predicts the noise in a
+noisy image x_t. The class label enters every residual block through adaptive GroupNorm (AdaGN).
+During training the label is replaced by a learned "null" class 15% of the time, so the same
+network also learns the unconditional model. At sampling time the two predictions are combined
+and pushed past the conditional one (CFG):  eps = eps_uncond + w * (eps_cond - eps_uncond).
+
+Papers:
+  DDPM           Ho, Jain & Abbeel 2020           https://arxiv.org/abs/2006.11239
+  Improved DDPM  Nichol & Dhariwal 2021 (cosine)  https://arxiv.org/abs/2102.09672
+  ADM            Dhariwal & Nichol 2021 (AdaGN)   https://arxiv.org/abs/2105.05233
+  DDIM           Song, Meng & Ermon 2020          https://arxiv.org/abs/2010.02502
+  CFG            Ho & Salimans 2022               https://arxiv.org/abs/2207.12598
+
+Commands:
+  python ddpm_cifar_cfg.py --epochs 50                        # train on one GPU, then experiments
+  torchrun --standalone --nproc_per_node=4 ddpm_cifar_cfg.py  # the same on 4 GPUs
+  python ddpm_cifar_cfg.py --resume                           # continue from out/ddpm_cifar/ckpt.pt
+  python ddpm_cifar_cfg.py --sample-only                      # experiments from that checkpoint
+  python ddpm_cifar_cfg.py --bench --compile                  # speed table: fast vs plain path
+  python ddpm_cifar_cfg.py --dataset synthetic --base-ch 32 --epochs 3 --device cpu  # CPU smoke
+
+Outputs (in --out-dir): ckpt.pt, loss.png, samples_epochNNN.png previews, and the experiments
+class_grid.png, guidance_sweep.png, interpolation.png, ema_vs_raw.png.
+
+Measured results (hardware, time, commands) are in README.md; only measured figures go there.
+
+Left out on purpose: FID evaluation, learned variances (Improved DDPM), v-prediction, EDM-style
+preconditioning, latent diffusion. Each would hide the lesson under machinery.
+"""
+
+import argparse
+import contextlib
+import copy
+import math
+import os
+import signal
+import statistics
+import sys
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+SCRIPT = "ddpm_cifar_cfg"
+NUM_CLASSES = 10
+NULL_CLASS = NUM_CLASSES  # index of the learned "no label" row of the class embedding
+IMAGE_SIZE = 32
+CLASS_NAMES = {
+    "cifar10": (
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ),
+    "mnist": tuple("0123456789"),
+    "synthetic": tuple(
+        f"{colour} {shape}"
+        for colour in ("red", "blue")
+        for shape in ("disk", "square", "ring", "cross", "stripes")
+    ),
+}
+# Flags that fix the network's shapes or the meaning of t: a checkpoint only loads if they match.
+ARCH_FLAGS = (
+    "dataset",
+    "base_ch",
+    "ch_mult",
+    "num_res_blocks",
+    "attn_res",
+    "attn_heads",
+    "cond_dim",
+    "schedule",
+    "timesteps",
+)
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of the whole usage block, exit code 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def checked(convert, is_valid, expected):
+    """An argparse `type`: convert the text, then validate it, so that a bad value gets a one-line
+    error naming the flag, before any data or model is touched."""
+
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not is_valid(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+def split(text, convert):
+    return [convert(v) for v in text.split(",")]
+
+
+positive_int = checked(int, lambda v: v > 0, "a positive integer")
+nonnegative_int = checked(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = checked(float, lambda v: 0 < v < math.inf, "a positive number")
+nonnegative_float = checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+probability = checked(float, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
+int_list = checked(
+    partial(split, convert=int), lambda v: min(v) > 0, "positive integers like 1,2,2"
+)
+float_list = checked(partial(split, convert=float), lambda v: 0 <= min(v) <= max(v) < math.inf,
+                     "numbers >= 0 like 1,2,4")  # fmt: skip
+class_pairs = checked(  # "3-5,0-8" -> [(3, 5), (0, 8)]
+    lambda text: [tuple(int(c) for c in pair.split("-")) for pair in text.split(",")],
+    lambda v: all(len(p) == 2 and 0 <= min(p) <= max(p) < NUM_CLASSES for p in v),
+    f"pairs of class labels in 0..{NUM_CLASSES - 1} like 3-5,0-8",
+)
+
+
+def get_args(argv=None):
+    p = ArgumentParser(
+        prog=f"{SCRIPT}.py",
+        description="Class-conditional DDPM with classifier-free guidance.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    # fmt: off
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="cifar10", choices=("cifar10", "mnist", "synthetic"),
+                   help="cifar10 (32x32 RGB), mnist (padded to 32x32, 1 channel) or synthetic "
+                        "(coloured shapes generated in memory: no download)")
+    g.add_argument("--data-dir", default="data", help="where torchvision finds or downloads data")
+    g.add_argument("--synthetic-size", type=positive_int, default=10000,
+                   help="number of images in --dataset synthetic")
+    g = p.add_argument_group("model")
+    g.add_argument("--base-ch", type=positive_int, default=128, help="channels at 32x32 (even)")
+    g.add_argument("--ch-mult", type=int_list, default=[1, 2, 2],
+                   help="channel multiplier per resolution: 32 -> 16 -> 8 for three levels")
+    g.add_argument("--num-res-blocks", type=positive_int, default=2,
+                   help="residual blocks per resolution on the way down")
+    g.add_argument("--attn-res", type=int_list, default=[8],
+                   help="resolutions (pixels) with self-attention after each residual block")
+    g.add_argument("--attn-heads", type=positive_int, default=4, help="self-attention heads")
+    g.add_argument("--cond-dim", type=positive_int, default=256,
+                   help="width of the conditioning vector (time + class embedding)")
+    g.add_argument("--dropout", type=probability, default=0.1, help="dropout in residual blocks")
+    g = p.add_argument_group("diffusion")
+    g.add_argument("--schedule", default="cosine", choices=("cosine", "linear"),
+                   help="beta schedule: cosine (Nichol & Dhariwal) or linear (Ho et al.)")
+    g.add_argument("--timesteps", type=positive_int, default=1000, help="diffusion steps T")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=positive_int, default=50, help="passes over the training set")
+    g.add_argument("--max-steps", type=positive_int, default=None,
+                   help="stop after this many optimizer steps in all (smoke runs); the lr "
+                        "schedule still spans --epochs")
+    g.add_argument("--batch-size", type=positive_int, default=128,
+                   help="global batch size, split evenly over torchrun ranks")
+    g.add_argument("--lr", type=positive_float, default=2e-4, help="peak AdamW learning rate")
+    g.add_argument("--weight-decay", type=nonnegative_float, default=1e-4, help="AdamW decay")
+    g.add_argument("--warmup-steps", type=nonnegative_int, default=1000,
+                   help="steps of linear lr warm-up before the cosine decay")
+    g.add_argument("--grad-clip", type=positive_float, default=1.0, help="max gradient norm")
+    g.add_argument("--p-uncond", type=probability, default=0.15,
+                   help="probability of replacing a label by the null class (CFG training)")
+    g.add_argument("--ema-decay", type=probability, default=0.9999, help="EMA decay of weights")
+    g.add_argument("--log-every", type=positive_int, default=50,
+                   help="steps between loss checks and progress-bar updates")
+    g.add_argument("--save-every", type=positive_int, default=1, help="epochs between checkpoints")
+    g.add_argument("--sample-every", type=positive_int, default=5,
+                   help="epochs between preview grids")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from --ckpt, or from ckpt.pt in --out-dir")
+    g = p.add_argument_group("sampling and experiments")
+    g.add_argument("--guidance-scale", type=nonnegative_float, default=4.0,
+                   help="CFG scale w: 0 unconditional, 1 conditional, >1 guided")
+    g.add_argument("--sample-steps", type=positive_int, default=50, help="DDIM steps")
+    g.add_argument("--eta", type=nonnegative_float, default=0.0,
+                   help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    g.add_argument("--guidance-scales", type=float_list, default=[1, 2, 4, 6, 8, 10],
+                   help="scales w for guidance_sweep.png")
+    g.add_argument("--interp-pairs", type=class_pairs, default=[(3, 5), (0, 8), (1, 9), (2, 0)],
+                   help="class pairs a-b for interpolation.png (CIFAR: cat->dog, "
+                        "airplane->ship, automobile->truck, bird->airplane)")
+    g.add_argument("--grid-rows", type=positive_int, default=10,
+                   help="samples per class in class_grid.png")
+    g.add_argument("--sample-only", action="store_true",
+                   help="no training: run the experiments from --ckpt (or --out-dir/ckpt.pt)")
+    g.add_argument("--ckpt", default=None,
+                   help="checkpoint for --sample-only and --resume (default: --out-dir/ckpt.pt)")
+    g = p.add_argument_group("system")
+    g.add_argument("--out-dir", default="out/ddpm_cifar", help="checkpoints and figures go here")
+    g.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
+                   help="auto picks cuda > mps > cpu")
+    g.add_argument("--seed", type=nonnegative_int, default=0, help="random seed")
+    g.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="autocast precision; auto = bf16 on CUDA where supported, else fp32")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="NHWC memory format for the convolutions (faster on tensor cores)")
+    g.add_argument("--bench", action="store_true",
+                   help="time training and sampling, fast vs plain configuration, then exit")
+    g.add_argument("--bench-steps", type=positive_int, default=20,
+                   help="timed training steps per variant and repetition in --bench")
+    g.add_argument("--bench-samples", type=positive_int, default=256,
+                   help="images per timed CFG sampling run in --bench")
+    # fmt: on
+    args = p.parse_args(argv)
+
+    # checks that involve several flags, still before any data or model is touched
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world_size:
+        p.error(f"--batch-size {args.batch_size} is not divisible by the {world_size} ranks")
+    if args.base_ch % 2:
+        p.error(f"--base-ch must be even (sinusoidal time embedding), got {args.base_ch}")
+    if IMAGE_SIZE % 2 ** (len(args.ch_mult) - 1):
+        p.error(f"--ch-mult has too many levels for {IMAGE_SIZE}x{IMAGE_SIZE} images")
+    resolutions = [IMAGE_SIZE // 2**i for i in range(len(args.ch_mult))]
+    for res in args.attn_res:
+        if res not in resolutions:
+            p.error(f"--attn-res {res} is not one of the U-Net resolutions {resolutions}")
+        level_ch = args.base_ch * args.ch_mult[resolutions.index(res)]
+        if level_ch % args.attn_heads:
+            p.error(f"--attn-heads {args.attn_heads} does not divide {level_ch} channels at {res}")
+    if args.base_ch * args.ch_mult[-1] % args.attn_heads:
+        p.error(f"--attn-heads {args.attn_heads} does not divide the middle block's channels")
+    if args.sample_steps > args.timesteps:
+        p.error(f"--sample-steps {args.sample_steps} exceeds --timesteps {args.timesteps}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda, but no CUDA device is visible (try --device cpu)")
+    if args.device == "mps" and not torch.backends.mps.is_available():
+        p.error("--device mps, but MPS is not available (try --device cpu)")
+    if args.sample_only + args.resume + args.bench > 1:
+        p.error("choose at most one of --sample-only, --resume and --bench")
+    if args.bench and world_size > 1:
+        p.error("--bench runs in one process: start it with python, not torchrun")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Utilities
+
+
+def fail(message, code=2):
+    """Exit with one clear line instead of a traceback (bad checkpoint, missing data)."""
+    print(f"{SCRIPT}.py: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def resolve_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    return torch.device(name)
+
+
+def resolve_dtype(name, device):
+    if name == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        name = "bf16" if cuda_bf16 else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def autocast_context(device, dtype):
+    """bf16/fp16 autocast: convs and matmuls in half precision, norms, softmax and the loss in fp32.
+    With fp32 it is a no-op, so one `with ctx:` serves every precision."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def set_matmul_precision(dtype):
+    """TF32 tensor cores for the fp32 matmuls that autocast leaves, only when mixed precision is on,
+    so that --dtype fp32 stays true fp32."""
+    torch.set_float32_matmul_precision("highest" if dtype == torch.float32 else "high")
+
+
+def setup_distributed(device_name):
+    """DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python` is one process.
+    Returns (rank, world_size, device)."""
+    device = resolve_device(device_name)
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+class StopSignal:
+    """Ctrl-C (SIGINT) or SIGTERM (torchrun, schedulers) sets a flag, so the training loop can save
+    a checkpoint and exit cleanly at the next step. A second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def save_checkpoint(state, path):
+    """Atomic save: write a temporary file in the same folder, then rename it over the old one.
+    A crash or kill during torch.save leaves the previous checkpoint untouched."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, args):
+    """Load a checkpoint of this script and check that its architecture flags match this run."""
+    if not os.path.isfile(path):
+        fail(f"no checkpoint at {path}; train first, or point --ckpt at one")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, wrong format, pickled code: all mean "not loadable"
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
+        fail(f"{path} was not written by {SCRIPT}.py")
+    for key in ARCH_FLAGS:
+        saved, ours = ckpt["args"][key], getattr(args, key)
+        if saved != ours:
+            flag = "--" + key.replace("_", "-")
+            value = ",".join(map(str, saved)) if isinstance(saved, list) else saved
+            fail(
+                f"{path} was trained with {flag} {value}, this run has {ours}; pass {flag} {value}"
+            )
+    return ckpt
+
+
+def rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_image_grid(images, path, nrow, title, col_labels=None, row_labels=None):
+    """Save (nrow * ncol, C, H, W) images in [-1, 1], laid out row by row, as a labelled PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n, c, h, w = images.shape
+    ncol = n // nrow
+    x = F.pad((images.float().cpu().clamp(-1, 1) + 1) / 2, (1, 1, 1, 1), value=1.0)
+    h, w = h + 2, w + 2  # with a one-pixel white frame
+    x = x.view(nrow, ncol, c, h, w).permute(0, 3, 1, 4, 2).reshape(nrow * h, ncol * w, c)
+    fig, ax = plt.subplots(figsize=(1 + 0.8 * ncol, 0.8 + 0.8 * nrow))
+    ax.imshow(x.squeeze(-1).numpy(), cmap="gray" if c == 1 else None, vmin=0, vmax=1)
+    ax.set_xticks([w * (i + 0.5) for i in range(ncol)] if col_labels else [])
+    ax.set_xticklabels(col_labels or [], rotation=45, ha="right", fontsize=8)
+    ax.set_yticks([h * (i + 0.5) for i in range(nrow)] if row_labels else [])
+    ax.set_yticklabels(row_labels or [], fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+def save_loss_curve(losses, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(losses, lw=0.5, alpha=0.4, label="per step")
+    window = max(1, len(losses) // 50)
+    smooth = torch.tensor(losses).unfold(0, window, 1).mean(1) if len(losses) >= window else []
+    ax.plot(range(window - 1, len(losses)), smooth, label=f"mean of {window} steps")
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title=title)
+    ax.legend()
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# Noise schedule
+# Time convention: t is an integer in [0, T). t = 0 is the first, smallest noising step and
+# t = T-1 is (almost) pure noise. Training draws t uniformly from [0, T); sampling walks from
+# T-1 down to 0. The same range on both sides.
+
+
+def make_alphas_cumprod(schedule, timesteps):
+    """alpha_bar_t = prod_{s <= t} (1 - beta_s) for t = 0..T-1, as float32 of shape (T,)."""
+    if schedule == "linear":  # Ho et al. 2020: beta from 1e-4 to 0.02 at T = 1000, rescaled for T
+        scale = 1000 / timesteps
+        betas = torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
+    else:  # cosine, Nichol & Dhariwal 2021 eq. 17: alpha_bar(t) = cos^2((t/T + s) / (1 + s) * pi/2)
+        s = 0.008
+        f = (
+            torch.cos(
+                (torch.arange(timesteps + 1, dtype=torch.float64) / timesteps + s)
+                / (1 + s)
+                * math.pi
+                / 2
+            )
+            ** 2
+        )
+        betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)  # the clip avoids beta = 1 at t = T
+    return torch.cumprod(1 - betas, dim=0).float()
+
+
+def q_sample(alphas_cumprod, x0, t, noise):
+    """Forward process, Ho et al. eq. 4: x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps."""
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+# -----------------------------------------------------------------------------
+# Model
+
+
+def norm_groups(channels):
+    """32 groups as in DDPM/ADM; fewer when the width is not a multiple of 32 (tiny test models)."""
+    return math.gcd(32, channels)
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding (B,) -> (B, dim) of integer timesteps, as Transformer positions.
+    Computed in float32 (math.log, not np.log, which would silently make it float64)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) / half * torch.arange(half, device=t.device))
+    angles = t.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)  # (B, dim)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, twice, with a skip connection. The conditioning vector (time +
+    class) sets a per-channel scale and shift of the second GroupNorm: adaptive GroupNorm
+    (ADM's "scale-shift norm"), AdaGN(h, c) = GroupNorm(h) * (1 + scale(c)) + shift(c)."""
+
+    def __init__(self, in_ch, out_ch, cond_dim, dropout):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(norm_groups(in_ch), in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.modulation = nn.Linear(cond_dim, 2 * out_ch)
+        self.norm2 = nn.GroupNorm(norm_groups(out_ch), out_ch, affine=False)  # affine from cond
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x, cond):
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, out_ch, H, W)
+        scale, shift = self.modulation(cond)[:, :, None, None].chunk(2, dim=1)  # (B, out_ch, 1, 1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the H*W positions of a feature map, pre-norm, residual."""
+
+    def __init__(self, channels, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(norm_groups(channels), channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # (B, heads, H*W, C/heads) each
+        h = F.scaled_dot_product_attention(q, k, v)  # fused kernel (flash / memory-efficient)
+        h = h.transpose(-1, -2).reshape(B, C, H, W)
+        return x + self.proj(h)
+
+
+class UNetBlock(nn.Module):
+    """A ResBlock, followed by self-attention at the resolutions listed in --attn-res."""
+
+    def __init__(self, in_ch, out_ch, cond_dim, dropout, attn_heads):
+        super().__init__()
+        self.res = ResBlock(in_ch, out_ch, cond_dim, dropout)
+        self.attn = SelfAttention(out_ch, attn_heads) if attn_heads else nn.Identity()
+
+    def forward(self, x, cond):
+        return self.attn(self.res(x, cond))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x, cond):  # cond unused: every U-Net layer takes (x, cond)
+        return self.conv(x)  # (B, C, H/2, W/2)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x, cond):  # cond unused: every U-Net layer takes (x, cond)
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))  # (B, C, 2H, 2W)
+
+
+class UNet(nn.Module):
+    """Noise predictor eps_theta(x_t, t, class): a U-Net 32 -> 16 -> 8 -> 16 -> 32 with skip
+    connections, conditioned on one vector cond = time embedding + class embedding."""
+
+    def __init__(
+        self,
+        in_ch=3,
+        base_ch=128,
+        ch_mult=(1, 2, 2),
+        num_res_blocks=2,
+        attn_res=(8,),
+        attn_heads=4,
+        cond_dim=256,
+        dropout=0.1,
+        image_size=IMAGE_SIZE,
+    ):
+        super().__init__()
+        self.base_ch = base_ch
+        self.time_mlp = nn.Sequential(
+            nn.Linear(base_ch, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim)
+        )
+        self.class_emb = nn.Embedding(NUM_CLASSES + 1, cond_dim)  # row NULL_CLASS = "no label"
+        self.stem = nn.Conv2d(in_ch, base_ch, 3, padding=1)
+
+        def block(cin, cout, res):
+            return UNetBlock(cin, cout, cond_dim, dropout, attn_heads if res in attn_res else 0)
+
+        ch, res, skip_chs = base_ch, image_size, [base_ch]
+        self.down = nn.ModuleList()
+        for level, mult in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                self.down.append(block(ch, base_ch * mult, res))
+                ch = base_ch * mult
+                skip_chs.append(ch)
+            if level < len(ch_mult) - 1:
+                self.down.append(Downsample(ch))
+                skip_chs.append(ch)
+                res //= 2
+        self.mid = nn.ModuleList(
+            [
+                UNetBlock(ch, ch, cond_dim, dropout, attn_heads),
+                UNetBlock(ch, ch, cond_dim, dropout, 0),
+            ]
+        )
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(ch_mult))):
+            for _ in range(num_res_blocks + 1):  # one more than down: it also takes a skip
+                self.up.append(block(ch + skip_chs.pop(), base_ch * mult, res))
+                ch = base_ch * mult
+            if level > 0:
+                self.up.append(Upsample(ch))
+                res *= 2
+        self.out_norm = nn.GroupNorm(norm_groups(ch), ch)
+        self.out_conv = nn.Conv2d(ch, in_ch, 3, padding=1)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        nn.init.normal_(self.class_emb.weight, std=0.02)
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                nn.init.zeros_(m.conv2.weight)  # each residual branch starts as zero: identity
+                nn.init.zeros_(m.conv2.bias)
+            if isinstance(m, SelfAttention):
+                nn.init.zeros_(m.proj.weight)  # each attention block starts as identity
+                nn.init.zeros_(m.proj.bias)
+        nn.init.zeros_(self.out_conv.weight)  # the first prediction is eps = 0
+        nn.init.zeros_(self.out_conv.bias)
+
+    def forward(self, x, t, y=None, class_emb=None):
+        """x: (B, C, H, W) noisy images, t: (B,) integer timesteps, and the class either as
+        y: (B,) labels (NULL_CLASS = unconditional) or as class_emb: (B, cond_dim), a ready class
+        embedding such as a mix of two rows (interpolation). Returns the noise (B, C, H, W)."""
+        if class_emb is None:
+            class_emb = self.class_emb(y)  # (B, cond_dim)
+        # SiLU applied once here instead of at the input of every block's modulation layer
+        cond = F.silu(self.time_mlp(timestep_embedding(t, self.base_ch)) + class_emb)  # (B, cond)
+        h = self.stem(x)  # (B, base_ch, 32, 32)
+        skips = [h]
+        for layer in self.down:
+            h = layer(h, cond)
+            skips.append(h)  # down to (B, base_ch * ch_mult[-1], 8, 8)
+        for layer in self.mid:
+            h = layer(h, cond)
+        for layer in self.up:
+            if isinstance(layer, UNetBlock):
+                h = torch.cat([h, skips.pop()], dim=1)  # (B, ch + skip_ch, H, W)
+            h = layer(h, cond)
+        return self.out_conv(F.silu(self.out_norm(h)))  # (B, C, 32, 32)
+
+
+def build_model(args):
+    return UNet(
+        in_ch=1 if args.dataset == "mnist" else 3,
+        base_ch=args.base_ch,
+        ch_mult=tuple(args.ch_mult),
+        num_res_blocks=args.num_res_blocks,
+        attn_res=tuple(args.attn_res),
+        attn_heads=args.attn_heads,
+        cond_dim=args.cond_dim,
+        dropout=args.dropout,
+    )
+
+
+# -----------------------------------------------------------------------------
+# Data
+# The whole training set is held as one uint8 tensor (CIFAR-10: 150 MB), on the GPU when there is
+# one: batches are drawn by indexing, with no DataLoader worker processes to feed.
+
+
+def make_synthetic(n, seed):
+    """n class-dependent 32x32 RGB images, uint8 (n, 3, 32, 32), and labels (n,). Class k is a
+    shape (disk, square, ring, cross, diagonal stripes: k % 5) in a colour (red or blue: k // 5) at
+    a jittered position and size on a noisy dark background: learnable in minutes, and a class
+    label fixes both colour and shape, so unguided samples visibly mix them."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")  # (32, 32)
+    cy, cx = (15.5 + torch.randint(-5, 6, (2, n, 1, 1), generator=g)).unbind(0)  # (n, 1, 1)
+    r = 6 + 4 * torch.rand(n, 1, 1, generator=g)
+    dy, dx = (yy - cy).abs(), (xx - cx).abs()  # (n, 32, 32)
+    d = (dy**2 + dx**2).sqrt()
+    shapes = torch.stack([
+        d < r,                                                               # disk
+        (dy < 0.8 * r) & (dx < 0.8 * r),                                     # square
+        (d < r) & (d > 0.55 * r),                                            # ring
+        ((dy < 0.3 * r) & (dx < r)) | ((dx < 0.3 * r) & (dy < r)),           # cross
+        (d < r) & ((xx + yy) % 6 < 3),                                       # diagonal stripes
+    ], dim=1)  # (n, 5, 32, 32)  # fmt: skip
+    mask = shapes[torch.arange(n), labels % 5][:, None]  # (n, 1, 32, 32)
+    colour = torch.tensor([[0.9, 0.25, 0.2], [0.2, 0.45, 0.95]])[labels // 5]  # (n, 3)
+    colour = (colour + 0.08 * torch.randn(n, 3, generator=g)).clamp(0, 1)[:, :, None, None]
+    background = 0.1 + 0.15 * torch.rand(n, 1, 1, 1, generator=g)
+    images = torch.where(mask, colour, background) + 0.03 * torch.randn(n, 3, 32, 32, generator=g)
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
+
+
+def load_dataset(name, data_dir, synthetic_size, seed):
+    """The whole training set as (uint8 images (N, C, 32, 32), int64 labels (N,))."""
+    if name == "synthetic":
+        return make_synthetic(synthetic_size, seed)
+    import torchvision
+
+    try:
+        if name == "cifar10":
+            ds = torchvision.datasets.CIFAR10(data_dir, train=True, download=True)
+            images = torch.from_numpy(ds.data).permute(0, 3, 1, 2)  # (50000, 3, 32, 32)
+        else:
+            ds = torchvision.datasets.MNIST(data_dir, train=True, download=True)
+            images = F.pad(ds.data, (2, 2, 2, 2))[:, None]  # (60000, 1, 32, 32): 28x28 padded
+    except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), corrupt archive
+        fail(
+            f"could not load {name} into {data_dir!r} ({type(e).__name__}: {e}); put the data "
+            "there and pass --data-dir, or run offline with --dataset synthetic",
+            code=1,
+        )
+    return images.contiguous(), torch.as_tensor(ds.targets)
+
+
+def epoch_batches(num_items, batch_size, epoch, seed, rank=0, world_size=1, device="cpu"):
+    """Index batches for one epoch: a fresh permutation per epoch, identical on every rank (it
+    depends only on seed and epoch), split into equal shards, one per rank. Single process: every
+    index once; with N ranks the last N % world_size items of the permutation are skipped so that
+    every rank takes the same number of steps. The last batch may be smaller."""
+    g = torch.Generator().manual_seed(1_000_000 * seed + epoch)
+    perm = torch.randperm(num_items, generator=g)
+    perm = perm[: num_items - num_items % world_size][rank::world_size]
+    return perm.to(device).split(batch_size)
+
+
+def get_batch(images, labels, idx, hflip, memory_format):
+    """uint8 images -> float in [-1, 1], with random horizontal flips (CIFAR only)."""
+    x = images[idx].float() / 127.5 - 1  # (B, C, 32, 32)
+    if hflip:
+        flip = torch.rand(len(idx), 1, 1, 1, device=x.device) < 0.5
+        x = torch.where(flip, x.flip(3), x)
+    return x.contiguous(memory_format=memory_format), labels[idx]
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def diffusion_loss(model, x0, y, alphas_cumprod, p_uncond):
+    """Noise-prediction MSE (Ho et al. Algorithm 1) with label dropout for CFG."""
+    B = x0.shape[0]
+    # classifier-free guidance: the null class replaces a random p_uncond share of the labels, so
+    # the same network also learns the unconditional noise prediction
+    y = torch.where(torch.rand(B, device=y.device) < p_uncond, NULL_CLASS, y)
+    t = torch.randint(0, len(alphas_cumprod), (B,), device=x0.device)
+    noise = torch.randn(x0.shape, device=x0.device)  # NCHW draw: same noise in any memory format
+    eps = model(q_sample(alphas_cumprod, x0, t, noise), t, y)
+    return F.mse_loss(eps.float(), noise)
+
+
+def warmup_cosine(step, warmup_steps, total_steps):
+    """lr multiplier: linear warm-up from 0 to 1, then cosine decay to 0 at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema = decay * ema + (1 - decay) * model, for all tensors in one multi-tensor kernel."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
+def ema_decay_at(step, decay):
+    """EMA warm-up: early on the average would be stuck near the random init, so the effective
+    decay grows as (1 + step) / (10 + step) until it reaches the configured value."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+def make_optimizer(model, lr, weight_decay, device):
+    # fused AdamW: one kernel for the whole update instead of several per parameter tensor
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(model.parameters(), lr, weight_decay=weight_decay, fused=fused)
+
+
+def train_step(model, ema, optimizer, scheduler, scaler, ctx, x0, y, ema_decay, grad_clip, loss_fn):
+    """loss -> backward -> clip -> AdamW -> lr schedule -> EMA. Returns the loss without syncing
+    (no .item()), so the GPU can run ahead of Python."""
+    with ctx:
+        loss = loss_fn(model, x0, y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()  # the scaler is a no-op except with --dtype fp16
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    update_ema(ema, model, ema_decay)
+    return loss.detach()
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+
+def guided_eps(model, x, t, class_emb, null_emb, guidance_scale):
+    """Classifier-free guidance (Ho & Salimans 2022): eps = eps_uncond + w (eps_cond - eps_uncond).
+    w = 1 is the plain conditional prediction, w = 0 the unconditional one, w > 1 pushes samples
+    further towards the class. Both predictions come from ONE batched forward pass."""
+    B = x.shape[0]
+    cond = torch.cat([class_emb, null_emb.expand(B, -1)])  # (2B, cond_dim): [cond; uncond]
+    eps = model(torch.cat([x, x]), torch.cat([t, t]), class_emb=cond).float()  # (2B, C, H, W)
+    eps_cond, eps_uncond = eps.chunk(2)
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+@torch.no_grad()
+def ddim_sample(model, class_emb, noise, guidance_scale, alphas_cumprod, steps, eta, ctx, seed=0):
+    """DDIM (Song et al. 2020, eq. 12) with CFG, from x_{T-1} = noise down to x_0 on `steps`
+    evenly spaced timesteps. class_emb: (B, cond_dim), e.g. model.class_emb(labels).
+    eta = 0 is deterministic; eta = 1 adds DDPM's ancestral noise, drawn from a generator seeded
+    with `seed`, so that sampling never disturbs the training random stream."""
+    generator = torch.Generator(noise.device).manual_seed(seed)
+    null_emb = model.class_emb.weight[NULL_CLASS]  # (cond_dim,)
+    T = len(alphas_cumprod)
+    timesteps = torch.linspace(T - 1, 0, steps).round().long().tolist()
+    x = noise
+    for i, t in enumerate(timesteps):
+        a = alphas_cumprod[t]
+        a_prev = alphas_cumprod[timesteps[i + 1]] if i + 1 < steps else torch.ones_like(a)
+        t_batch = torch.full((x.shape[0],), t, device=x.device)
+        with ctx:
+            eps = guided_eps(model, x, t_batch, class_emb, null_emb, guidance_scale)
+        # predicted clean image, clipped to the data range, and the noise consistent with it
+        x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        # x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z
+        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+        z = torch.randn(x.shape, device=x.device, generator=generator)
+        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps + sigma * z
+    return x
+
+
+# -----------------------------------------------------------------------------
+# Experiments
+# Each takes the model and `sample`, the DDIM sampler with its settings bound
+# (functools.partial), so it runs from any checkpoint. Every figure reuses fixed noise, so that
+# only the quantity under study changes between images.
+
+
+def fixed_noise(n, channels, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, channels, IMAGE_SIZE, IMAGE_SIZE, generator=g).to(device)
+
+
+def plot_class_grid(model, sample, names, path, rows, w, seed, title):
+    """rows x 10 samples, one column per class."""
+    labels = torch.arange(NUM_CLASSES, device=model.class_emb.weight.device).repeat(rows)
+    noise = fixed_noise(len(labels), model.stem.in_channels, labels.device, seed)
+    x = sample(model, model.class_emb(labels), noise, w, seed=seed)
+    save_image_grid(x, path, rows, title, col_labels=list(names))
+
+
+def plot_guidance_sweep(model, sample, names, path, scales, seed):
+    """One row per guidance scale w, one column per class, the same noise in every row."""
+    labels = torch.arange(NUM_CLASSES, device=model.class_emb.weight.device)
+    noise = fixed_noise(NUM_CLASSES, model.stem.in_channels, labels.device, seed)
+    rows = [sample(model, model.class_emb(labels), noise, w, seed=seed) for w in scales]
+    title = "Guidance sweep: same noise in each column; w=0 unconditional, w=1 conditional"
+    row_labels = [f"w={w:g}" for w in scales]
+    save_image_grid(torch.cat(rows), path, len(scales), title, list(names), row_labels)
+
+
+def plot_interpolation(model, sample, names, path, pairs, w, seed, num_mixes=8):
+    """Walk the class embedding linearly from class a to class b, with one fixed noise image:
+    the conditioning vectors in between are ones the model never saw in training."""
+    emb = model.class_emb.weight  # (11, cond_dim)
+    mix = torch.linspace(0, 1, num_mixes, device=emb.device)[:, None]  # (M, 1)
+    noise = fixed_noise(1, model.stem.in_channels, emb.device, seed).expand(num_mixes, -1, -1, -1)
+    rows = [sample(model, (1 - mix) * emb[a] + mix * emb[b], noise, w, seed=seed) for a, b in pairs]
+    title = f"Class-embedding interpolation (w={w:g}, one fixed noise)"
+    col_labels = [f"{m:.2f}" for m in mix.squeeze(1).tolist()]
+    row_labels = [f"{names[a]} -> {names[b]}" for a, b in pairs]
+    save_image_grid(torch.cat(rows), path, len(pairs), title, col_labels, row_labels)
+
+
+def plot_ema_vs_raw(raw, ema, sample, names, path, w, seed):
+    """The raw weights against their exponential moving average, same noise and labels."""
+    labels = torch.arange(NUM_CLASSES, device=ema.class_emb.weight.device)
+    noise = fixed_noise(NUM_CLASSES, ema.stem.in_channels, labels.device, seed)
+    rows = [sample(m, m.class_emb(labels), noise, w, seed=seed) for m in (raw, ema)]
+    title = f"Raw vs EMA weights (w={w:g}, same noise)"
+    save_image_grid(torch.cat(rows), path, 2, title, list(names), ["raw", "EMA"])
+
+
+def run_experiments(raw, ema, sample, args):
+    names, out, w, seed = CLASS_NAMES[args.dataset], args.out_dir, args.guidance_scale, args.seed
+    raw.eval()  # dropout off
+    title = f"EMA samples, one column per class (w={w:g})"
+    plot_class_grid(ema, sample, names, f"{out}/class_grid.png", args.grid_rows, w, seed, title)
+    plot_guidance_sweep(ema, sample, names, f"{out}/guidance_sweep.png", args.guidance_scales, seed)
+    plot_interpolation(ema, sample, names, f"{out}/interpolation.png", args.interp_pairs, w, seed)
+    plot_ema_vs_raw(raw, ema, sample, names, f"{out}/ema_vs_raw.png", w, seed)
+    print(f"wrote class_grid.png, guidance_sweep.png, interpolation.png, ema_vs_raw.png to {out}")
+
+
+# -----------------------------------------------------------------------------
+# Benchmark
+
+
+def benchmark(args, device):
+    """Time the training step (forward, backward, clip, AdamW, EMA) and CFG sampling
+    (--bench-samples images, --sample-steps steps) of the configuration the flags select ("fast")
+    against the plain one (fp32, eager, NCHW), on random inputs of the training shape. The
+    variants alternate three times; the table shows medians. FLOPs: torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cuda = device.type == "cuda"
+    fast = (resolve_dtype(args.dtype, device), args.compile, args.channels_last)
+    variants = {"fast": fast, "plain": (torch.float32, False, False)}
+    B, n_samples, in_ch = args.batch_size, args.bench_samples, 1 if args.dataset == "mnist" else 3
+    alphas_cumprod = make_alphas_cumprod(args.schedule, args.timesteps).to(device)
+    x0 = torch.randn(B, in_ch, IMAGE_SIZE, IMAGE_SIZE, device=device).clamp(-1, 1)
+    y = torch.randint(0, NUM_CLASSES, (B,), device=device)
+    noise = torch.randn(n_samples, in_ch, IMAGE_SIZE, IMAGE_SIZE, device=device)
+    labels = torch.arange(n_samples, device=device) % NUM_CLASSES
+    loss_fn = partial(diffusion_loss, alphas_cumprod=alphas_cumprod, p_uncond=args.p_uncond)
+
+    def setup(dtype, compiled, channels_last):
+        """The two timed closures (one training step, one sampling run) of a variant."""
+        torch.manual_seed(args.seed)  # same initial weights in every variant
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        model = build_model(args).to(device, memory_format=fmt)
+        ema = copy.deepcopy(model).requires_grad_(False).eval()
+        optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        ctx, x = autocast_context(device, dtype), x0.contiguous(memory_format=fmt)
+        train_model = torch.compile(model) if compiled else model
+        sample_model = torch.compile(ema) if compiled else ema
+        step = partial(train_step, train_model, ema, optimizer, scheduler, scaler, ctx, x, y,
+                       args.ema_decay, args.grad_clip, loss_fn)  # fmt: skip
+        class_emb = ema.class_emb(labels).detach()
+        sample = partial(ddim_sample, sample_model, class_emb, noise, args.guidance_scale,
+                         alphas_cumprod, args.sample_steps, args.eta, ctx)  # fmt: skip
+        return step, sample
+
+    def timed(fn):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    runs, times = {}, {name: {"train": [], "sample": [], "peak": 0.0} for name in variants}
+    for name, (dtype, compiled, channels_last) in variants.items():
+        set_matmul_precision(dtype)
+        runs[name] = setup(dtype, compiled, channels_last)
+        # warm-up: compilation (if any), cuDNN autotuning, allocator growth
+        times[name]["warmup"] = sum(timed(runs[name][0]) for _ in range(3)) + timed(runs[name][1])
+    with FlopCounterMode(display=False) as counter:
+        runs["plain"][0]()
+    train_flops = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        runs["plain"][1]()
+    sample_flops = counter.get_total_flops()
+
+    for _ in range(3):  # alternate, so that clock or thermal drift hits both variants alike
+        for name, (dtype, _, _) in variants.items():
+            set_matmul_precision(dtype)
+            step, sample = runs[name]
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            times[name]["train"] += [timed(step) for _ in range(args.bench_steps)]
+            times[name]["sample"].append(timed(sample))
+            if cuda:
+                peak = torch.cuda.max_memory_allocated(device) / 2**30
+                times[name]["peak"] = max(times[name]["peak"], peak)
+
+    hw = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(
+        f"\n{SCRIPT} --bench on {hw}, torch {torch.__version__}, "
+        f"{sum(p.numel() for p in build_model(args).parameters()) / 1e6:.2f}M parameters, "
+        f"train batch {B}, CFG sampling of {n_samples} images x {args.sample_steps} DDIM steps"
+    )
+    print(f"fast = {fast[0]}, compile={fast[1]}, channels_last={fast[2]}; plain = fp32 eager NCHW")
+    header = (
+        "variant  train ms/step  train img/s  train TFLOP/s  sample s  sample img/s"
+        "  sample TFLOP/s  peak GiB  warm-up s"
+    )
+    print(header + "\n" + "-" * len(header))
+    throughput = {}
+    for name, t in times.items():
+        step_s, sample_s = statistics.median(t["train"]), statistics.median(t["sample"])
+        throughput[name] = (B / step_s, n_samples / sample_s)
+        peak = f"{t['peak']:.2f}" if cuda else "-"
+        print(
+            f"{name:8} {1e3 * step_s:13.1f} {B / step_s:12.1f} "
+            f"{train_flops / step_s / 1e12:14.3g} {sample_s:9.3g} {n_samples / sample_s:13.1f} "
+            f"{sample_flops / sample_s / 1e12:15.3g} {peak:>9} {t['warmup']:10.1f}"
+        )
+    train_x, sample_x = (throughput["fast"][i] / throughput["plain"][i] for i in (0, 1))
+    print(f"speed-up fast / plain: training {train_x:.2f}x, sampling {sample_x:.2f}x")
+    return times
+
+
+# -----------------------------------------------------------------------------
+# Main
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, world_size, device = setup_distributed(args.device)
+    master = rank == 0  # only rank 0 prints, shows progress bars and writes files
+    dtype = resolve_dtype(args.dtype, device)
+    set_matmul_precision(dtype)
+    if args.bench:
+        return benchmark(args, device)
+    ctx = autocast_context(device, dtype)
+    torch.manual_seed(args.seed + rank)
+    os.makedirs(args.out_dir, exist_ok=True)
+    ckpt_path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
+    alphas_cumprod = make_alphas_cumprod(args.schedule, args.timesteps).to(device)
+    sample = partial(ddim_sample, alphas_cumprod=alphas_cumprod, steps=args.sample_steps,
+                     eta=args.eta, ctx=ctx)  # fmt: skip
+
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = build_model(args).to(device, memory_format=memory_format)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    if master:
+        print(
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {device}, "
+            f"{dtype}, {world_size} process(es)"
+        )
+    if args.sample_only:
+        ckpt = load_checkpoint(ckpt_path, args)
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        if master:
+            run_experiments(model, ema, sample, args)
+        return model
+
+    if world_size > 1 and rank > 0:
+        dist.barrier()  # rank 0 downloads the dataset first, the others then read it
+    images, labels = load_dataset(args.dataset, args.data_dir, args.synthetic_size, args.seed)
+    if world_size > 1 and rank == 0:
+        dist.barrier()
+    images, labels = images.to(device), labels.to(device)
+    rank_batch = args.batch_size // world_size
+    steps_per_epoch = math.ceil(len(images) // world_size / rank_batch)
+    total_steps = args.epochs * steps_per_epoch
+    max_steps = min(total_steps, args.max_steps or total_steps)
+
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
+    lr_lambda = partial(warmup_cosine, warmup_steps=args.warmup_steps, total_steps=total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only
+    step, losses, saved_step = 0, [], None
+    if args.resume:
+        ckpt = load_checkpoint(ckpt_path, args)
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt["scaler"]:  # empty unless the run used --dtype fp16
+            scaler.load_state_dict(ckpt["scaler"])
+        step, losses, saved_step = ckpt["step"], ckpt["losses"], ckpt["step"]
+        if len(ckpt["rng"]) == world_size:  # exact continuation needs the same number of ranks
+            set_rng_state(ckpt["rng"][rank], device)
+        if master:
+            print(f"resumed from {ckpt_path} at step {step}")
+    train_model = torch.compile(model) if args.compile else model
+    if world_size > 1:
+        train_model = DistributedDataParallel(train_model)
+    loss_fn = partial(diffusion_loss, alphas_cumprod=alphas_cumprod, p_uncond=args.p_uncond)
+    step_fn = partial(train_step, train_model, ema, optimizer, scheduler, scaler, ctx)
+
+    def save():
+        rng = [rng_state(device)]
+        if world_size > 1:  # every rank's random state, so that a resume continues each stream
+            rng = [None] * world_size
+            dist.all_gather_object(rng, rng_state(device))
+        if master:
+            save_checkpoint({
+                "script": SCRIPT, "args": vars(args), "step": step, "epoch": epoch,
+                "model": model.state_dict(), "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "rng": rng, "losses": losses,
+            }, ckpt_path)  # fmt: skip
+
+    stop_signal, stopped = StopSignal(), False
+    try:
+        for epoch in range(step // steps_per_epoch, args.epochs):
+            if step >= max_steps or stopped:
+                break
+            batches = epoch_batches(len(images), rank_batch, epoch, args.seed, rank, world_size,
+                                    device)[step - epoch * steps_per_epoch :]  # fmt: skip
+            bar = tqdm(batches, f"epoch {epoch + 1}/{args.epochs}", disable=not master, leave=False)
+            window, epoch_losses, t0 = [], [], time.perf_counter()
+            for i, idx in enumerate(bar):
+                x0, y = get_batch(images, labels, idx, args.dataset == "cifar10", memory_format)
+                ema_decay = ema_decay_at(step, args.ema_decay)
+                window.append(step_fn(x0, y, ema_decay, args.grad_clip, loss_fn))
+                step += 1
+                last = i == len(batches) - 1 or step >= max_steps
+                # Check the losses every --log-every steps (one GPU sync). A single process also
+                # reacts to Ctrl-C at once; DDP ranks agree on stopping at these checks only.
+                if (
+                    step % args.log_every
+                    and not last
+                    and (world_size > 1 or not stop_signal.requested)
+                ):
+                    continue
+                window_losses = torch.stack(window).float()
+                stop_flag = torch.tensor(stop_signal.requested, device=device)
+                flags = torch.stack([~window_losses.isfinite().all(), stop_flag]).float()
+                if world_size > 1:
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # so that all ranks stop together
+                nonfinite, stopped = flags.tolist()
+                if nonfinite:
+                    bad = (~window_losses.isfinite()).nonzero()  # empty if another rank had it
+                    bad_step = step - len(window) + 1 + (bad[0].item() if len(bad) else 0)
+                    kept = (
+                        f"{ckpt_path} still holds step {saved_step}"
+                        if saved_step
+                        else "no checkpoint written"
+                    )
+                    fail(f"loss became non-finite at step {bad_step}; stopped without saving "
+                         f"({kept}). Try a lower --lr, or --dtype fp32", code=1)  # fmt: skip
+                losses += window_losses.tolist()
+                epoch_losses += window_losses.tolist()
+                window = []
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                if stopped or step >= max_steps:
+                    break
+            bar.close()
+            if master:
+                dt, n = time.perf_counter() - t0, len(epoch_losses)
+                loss, lr = sum(epoch_losses) / n, scheduler.get_last_lr()[0]
+                ms, img_s = 1e3 * dt / n, n * args.batch_size / dt
+                tqdm.write(f"epoch {epoch + 1:3d} | step {step:7d} | loss {loss:.4f} | lr {lr:.2e} "
+                           f"| {ms:6.1f} ms/step | {img_s:7.0f} img/s")  # fmt: skip
+            epoch_done = step == (epoch + 1) * steps_per_epoch
+            if stopped or step >= max_steps or (epoch_done and (epoch + 1) % args.save_every == 0):
+                save()
+                saved_step = step
+            if master and epoch_done and (epoch + 1) % args.sample_every == 0:
+                path = f"{args.out_dir}/samples_epoch{epoch + 1:03d}.png"
+                title = f"EMA samples after epoch {epoch + 1} (w={args.guidance_scale:g})"
+                names = CLASS_NAMES[args.dataset]
+                plot_class_grid(ema, sample, names, path, 2, args.guidance_scale, args.seed, title)
+    finally:
+        stop_signal.restore()
+
+    if master:
+        save_loss_curve(losses, f"{args.out_dir}/loss.png", f"{SCRIPT}: training loss")
+        if stopped:
+            print(f"interrupted at step {step}: saved {ckpt_path}; continue with --resume")
+        else:
+            print(f"done: {step} steps, checkpoint {ckpt_path}")
+            run_experiments(model, ema, sample, args)
+    if world_size > 1:
+        dist.destroy_process_group()
+    return model
+
+
+if __name__ == "__main__":
+    main()
