@@ -54,36 +54,15 @@ NUM_CLASSES = 10
 NULL_CLASS = NUM_CLASSES  # index of the learned "no label" row of the class embedding
 IMAGE_SIZE = 32
 CLASS_NAMES = {
-    "cifar10": (
-        "airplane",
-        "automobile",
-        "bird",
-        "cat",
-        "deer",
-        "dog",
-        "frog",
-        "horse",
-        "ship",
-        "truck",
-    ),
-    "mnist": tuple("0123456789"),
-    "synthetic": tuple(
-        f"{colour} {shape}"
-        for colour in ("red", "blue")
-        for shape in ("disk", "square", "ring", "cross", "stripes")
-    ),
+    "cifar10": "airplane automobile bird cat deer dog frog horse ship truck".split(),
+    "mnist": list("0123456789"),
+    "synthetic": [
+        f"{c} {s}" for c in ("red", "blue") for s in "disk square ring cross stripes".split()
+    ],
 }
 # Flags that fix the network's shapes or the meaning of t: a checkpoint only loads if they match.
 ARCH_FLAGS = (
-    "dataset",
-    "base_ch",
-    "ch_mult",
-    "num_res_blocks",
-    "attn_res",
-    "attn_heads",
-    "cond_dim",
-    "schedule",
-    "timesteps",
+    "dataset base_ch ch_mult num_res_blocks attn_res attn_heads cond_dim schedule timesteps"
 )
 
 # -----------------------------------------------------------------------------
@@ -341,7 +320,7 @@ def load_checkpoint(path, args):
         fail(f"{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated")
     if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
         fail(f"{path} was not written by {SCRIPT}.py")
-    for key in ARCH_FLAGS:
+    for key in ARCH_FLAGS.split():
         saved, ours = ckpt["args"][key], getattr(args, key)
         if saved != ours:
             flag = "--" + key.replace("_", "-")
@@ -397,7 +376,7 @@ def save_loss_curve(losses, path, title):
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(losses, lw=0.5, alpha=0.4, label="per step")
     window = max(1, len(losses) // 50)
-    smooth = torch.tensor(losses).unfold(0, window, 1).mean(1) if len(losses) >= window else []
+    smooth = torch.tensor(losses).unfold(0, window, 1).mean(1)
     ax.plot(range(window - 1, len(losses)), smooth, label=f"mean of {window} steps")
     ax.set(xlabel="step", ylabel="loss", yscale="log", title=title)
     ax.legend()
@@ -417,18 +396,12 @@ def make_alphas_cumprod(schedule, timesteps):
     if schedule == "linear":  # Ho et al. 2020: beta from 1e-4 to 0.02 at T = 1000, rescaled for T
         scale = 1000 / timesteps
         betas = torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
-    else:  # cosine, Nichol & Dhariwal 2021 eq. 17: alpha_bar(t) = cos^2((t/T + s) / (1 + s) * pi/2)
-        s = 0.008
-        f = (
-            torch.cos(
-                (torch.arange(timesteps + 1, dtype=torch.float64) / timesteps + s)
-                / (1 + s)
-                * math.pi
-                / 2
-            )
-            ** 2
-        )
-        betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)  # the clip avoids beta = 1 at t = T
+    else:  # cosine, Nichol & Dhariwal 2021 eq. 17: alpha_bar(t) = f(t) / f(0), with
+        s = 0.008  # f(t) = cos^2((t/T + s) / (1 + s) * pi/2)
+        f = torch.cos((torch.arange(timesteps + 1, dtype=torch.float64) / timesteps + s) / (1 + s)
+                      * math.pi / 2) ** 2  # fmt: skip
+        betas = 1 - f[1:] / f[:-1]
+    betas = betas.clamp(max=0.999)  # avoids beta = 1 at t = T (cosine) or > 1 for a short T
     return torch.cumprod(1 - betas, dim=0).float()
 
 
@@ -566,12 +539,8 @@ class UNet(nn.Module):
                 self.down.append(Downsample(ch))
                 skip_chs.append(ch)
                 res //= 2
-        self.mid = nn.ModuleList(
-            [
-                UNetBlock(ch, ch, cond_dim, dropout, attn_heads),
-                UNetBlock(ch, ch, cond_dim, dropout, 0),
-            ]
-        )
+        mid_blocks = [UNetBlock(ch, ch, cond_dim, dropout, heads) for heads in (attn_heads, 0)]
+        self.mid = nn.ModuleList(mid_blocks)  # ResBlock, attention, ResBlock
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(ch_mult))):
             for _ in range(num_res_blocks + 1):  # one more than down: it also takes a skip
@@ -877,7 +846,10 @@ def benchmark(args, device):
     """Time the training step (forward, backward, clip, AdamW, EMA) and CFG sampling
     (--bench-samples images, --sample-steps steps) of the configuration the flags select ("fast")
     against the plain one (fp32, eager, NCHW), on random inputs of the training shape. The
-    variants alternate three times; the table shows medians. FLOPs: torch.utils.flop_counter."""
+    variants alternate three times; the table shows medians. FLOPs: torch.utils.flop_counter.
+    The first --bench-steps steps also compare the two variants' losses (--dtype bf16 vs fp32).
+    Training-step times average --bench-steps back-to-back steps, so that the CPU can queue work
+    ahead of the GPU as in training."""
     from torch.utils.flop_counter import FlopCounterMode
 
     cuda = device.type == "cuda"
@@ -910,21 +882,35 @@ def benchmark(args, device):
                          alphas_cumprod, args.sample_steps, args.eta, ctx)  # fmt: skip
         return step, sample
 
-    def timed(fn):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+    def timed(fn, repeat=1):
+        """Seconds per call of fn, over `repeat` back-to-back calls (CUDA events on a GPU)."""
+        if not cuda:
+            t0 = time.perf_counter()
+            for _ in range(repeat):
+                fn()
+            return (time.perf_counter() - t0) / repeat
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeat):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / repeat
 
-    runs, times = {}, {name: {"train": [], "sample": [], "peak": 0.0} for name in variants}
+    runs, losses = {}, {}
+    times = {name: {"train": [], "sample": [], "peak": 0.0} for name in variants}
     for name, (dtype, compiled, channels_last) in variants.items():
         set_matmul_precision(dtype)
-        runs[name] = setup(dtype, compiled, channels_last)
-        # warm-up: compilation (if any), cuDNN autotuning, allocator growth
-        times[name]["warmup"] = sum(timed(runs[name][0]) for _ in range(3)) + timed(runs[name][1])
+        runs[name] = step, sample = setup(dtype, compiled, channels_last)
+        # Warm-up (compilation, cuDNN autotuning) and numerics check in one: the first steps of
+        # each variant with the same random draws (seeded per step) on the same batch.
+        t0 = time.perf_counter()
+        losses[name] = []
+        for i in range(args.bench_steps):
+            torch.manual_seed(i)
+            losses[name].append(step().item())
+        sample()
+        times[name]["warmup"] = time.perf_counter() - t0
     with FlopCounterMode(display=False) as counter:
         runs["plain"][0]()
     train_flops = counter.get_total_flops()
@@ -938,7 +924,7 @@ def benchmark(args, device):
             step, sample = runs[name]
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
-            times[name]["train"] += [timed(step) for _ in range(args.bench_steps)]
+            times[name]["train"].append(timed(step, args.bench_steps))
             times[name]["sample"].append(timed(sample))
             if cuda:
                 peak = torch.cuda.max_memory_allocated(device) / 2**30
@@ -968,7 +954,12 @@ def benchmark(args, device):
         )
     train_x, sample_x = (throughput["fast"][i] / throughput["plain"][i] for i in (0, 1))
     print(f"speed-up fast / plain: training {train_x:.2f}x, sampling {sample_x:.2f}x")
-    return times
+    gaps = [abs(f - p) / p for f, p in zip(losses["fast"], losses["plain"])]
+    print(
+        f"loss, fast vs plain, over the first {len(gaps)} steps (same weights, batch and random "
+        f"draws): mean relative difference {statistics.mean(gaps):.2e}, max {max(gaps):.2e}"
+    )
+    return times, losses
 
 
 # -----------------------------------------------------------------------------

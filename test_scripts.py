@@ -203,6 +203,9 @@ def test_ddpm_bench_prints_table(capsys):
     assert fast[0] == "fast" and plain[0] == "plain"
     assert all(float(v) > 0 for v in fast[1:7] + plain[1:7]), out
     assert "speed-up fast / plain: training" in out
+    # on the CPU both variants run in fp32 (NHWC vs NCHW): the same loss to float rounding
+    parity = out.split("mean relative difference ")[1]
+    assert float(parity.split(",")[0]) < 1e-5 and float(parity.split("max ")[1]) < 1e-5, out
 
 
 # -----------------------------------------------------------------------------
