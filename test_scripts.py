@@ -5,6 +5,7 @@ flags, data is the scripts' built-in synthetic data (nothing is downloaded), and
 tests run the real command lines in subprocesses.
 """
 
+import csv
 import os
 import signal
 import subprocess
@@ -17,8 +18,13 @@ import pytest
 import torch
 
 import ddpm_cifar_cfg as ddpm
+import flow_dit_mnist_cfg as flow
 
 HERE = Path(__file__).resolve().parent
+# Tiny models run fastest on one thread, and subprocesses (torchrun starts two) would otherwise
+# oversubscribe the cores: OpenMP threads of busy processes spin against each other.
+torch.set_num_threads(1)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 # Tiny models through each script's own flags: seconds per run on a CPU.
 TINY = {
@@ -28,14 +34,21 @@ TINY = {
         "--batch-size", "8", "--sample-steps", "2", "--grid-rows", "1", "--device", "cpu",
         "--log-every", "2",
     ],
+    "flow_dit_mnist_cfg": [
+        "--dataset", "synthetic", "--synthetic-size", "48", "--width", "32", "--depth", "2",
+        "--heads", "2", "--cond-dim", "64", "--batch-size", "8", "--sample-steps", "2",
+        "--device", "cpu", "--log-every", "2",
+    ],
 }  # fmt: skip
-MODULES = {"ddpm_cifar_cfg": ddpm}
+MODULES = {"ddpm_cifar_cfg": ddpm, "flow_dit_mnist_cfg": flow}
+IMAGE_SCRIPTS = ["ddpm_cifar_cfg", "flow_dit_mnist_cfg"]
+LOSS_FUNCTIONS = {"ddpm_cifar_cfg": "diffusion_loss", "flow_dit_mnist_cfg": "flow_loss"}
 
 
 def run_script(name, *flags, timeout=120):
     """Run a script as a user would, in a subprocess; returns the CompletedProcess."""
     cmd = [sys.executable, str(HERE / f"{name}.py"), *flags]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE, env=ENV)
 
 
 def run_main(module, argv, capsys):
@@ -209,10 +222,253 @@ def test_ddpm_bench_prints_table(capsys):
 
 
 # -----------------------------------------------------------------------------
+# flow_dit_mnist_cfg.py
+
+FLOW_TINY = {"width": 32, "depth": 2, "heads": 2, "cond_dim": 64}  # a DiT that runs in milliseconds
+
+
+def randomize(model, std=0.1, seed=0):
+    """Random weights everywhere, so that zero-initialised layers no longer hide bugs."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std)
+    return model
+
+
+def tiny_inputs(B=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 1, 28, 28, generator=g)
+    t = torch.rand(B, generator=g)
+    y = torch.randint(0, flow.NUM_CLASSES, (B,), generator=g)
+    return x, t, y
+
+
+@pytest.mark.parametrize("patch_size", [2, 4, 7])
+def test_flow_dit_output_shape_equals_input_shape(patch_size):
+    model = randomize(flow.DiT(patch_size=patch_size, **FLOW_TINY))
+    x, t, y = tiny_inputs()
+    out = model(x, t, y)
+    assert out.shape == x.shape
+    assert torch.isfinite(out).all()
+    assert model.pos_embed.shape == (1, (28 // patch_size) ** 2, FLOW_TINY["width"])
+
+
+def test_flow_adaln_zero_blocks_start_as_identity():
+    model = flow.DiT(**FLOW_TINY)
+    x, t, y = tiny_inputs()
+    c = model.t_embedder(t) + model.y_embedder(y)  # (B, cond_dim)
+    tokens = model.x_embedder(x).flatten(2).transpose(1, 2) + model.pos_embed  # (B, L, D)
+    for block in model.blocks:
+        assert torch.equal(block(tokens, c), tokens)  # gates are exactly zero
+    assert torch.equal(model(x, t, y), torch.zeros_like(x))  # zero final layer: v = 0
+    # With a non-zero final layer, the output is the final layer applied to the embedded patches:
+    # the blocks contribute nothing until training moves their gates away from zero.
+    randomize(model.final_layer)
+    expected = model.unpatchify(model.final_layer(tokens, c))
+    torch.testing.assert_close(model(x, t, y), expected, rtol=0, atol=0)
+    assert expected.abs().mean() > 1e-3  # the comparison is not between two zero tensors
+
+
+def test_flow_timestep_embedding_uses_scaled_t():
+    """t in [0, 1] is multiplied by 1000 before the sinusoids, so nearby t are distinguishable."""
+    emb = flow.TimestepEmbedder.sinusoidal(torch.tensor([0.50, 0.51]) * 1000, 256)
+    raw = flow.TimestepEmbedder.sinusoidal(torch.tensor([0.50, 0.51]), 256)
+    assert (emb[0] - emb[1]).norm() > 1.0
+    assert (raw[0] - raw[1]).norm() < 0.1
+
+
+def test_flow_label_dropout_is_visible_in_the_loss():
+    seen = []
+
+    def spy(x, t, y):
+        seen.append(y.clone())
+        return torch.zeros_like(x)
+
+    x0 = torch.zeros(256, 1, 28, 28)
+    y = torch.randint(0, flow.NUM_CLASSES, (256,))
+    flow.flow_loss(spy, x0, y, p_uncond=0.0)
+    flow.flow_loss(spy, x0, y, p_uncond=1.0)
+    flow.flow_loss(spy, x0, y, p_uncond=0.5)
+    assert torch.equal(seen[0], y)
+    assert (seen[1] == flow.NULL_CLASS).all()
+    dropped = (seen[2] == flow.NULL_CLASS).float().mean().item()
+    assert 0.35 < dropped < 0.65
+    # with v_pred = 0 and x0 = 0 the loss is E[x1^2] = 1
+    assert abs(flow.flow_loss(spy, x0, y, 0.1).item() - 1.0) < 0.05
+
+
+def test_flow_loss_decreases_on_a_fixed_batch():
+    torch.manual_seed(0)
+    images, labels = flow.make_synthetic(64, seed=0)
+    x0, y = flow.to_model_range(images), labels
+    model = flow.DiT(**FLOW_TINY)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+
+    def fixed_loss():  # same t, noise and dropout draws every time it is measured
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return flow.flow_loss(model, x0, y, 0.1).item()
+
+    before = fixed_loss()
+    for _ in range(30):
+        loss = flow.flow_loss(model, x0, y, 0.1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = fixed_loss()
+    assert after < 0.75 * before, (before, after)
+
+
+def test_flow_ema_update_and_warmup():
+    ema, model = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    expected = [
+        0.25 * e + 0.75 * m for e, m in zip(ema.parameters(), model.parameters(), strict=True)
+    ]
+    flow.update_ema(ema, model, 0.25)
+    for p, e in zip(ema.parameters(), expected, strict=True):
+        torch.testing.assert_close(p, e)
+    assert flow.ema_decay_at(0, 0.9999) == pytest.approx(0.1)
+    assert flow.ema_decay_at(10**7, 0.9999) == 0.9999
+
+
+def test_flow_cfg_algebra():
+    model = randomize(flow.DiT(**FLOW_TINY)).eval()
+    x, t, y = tiny_inputs(B=4)
+    null = torch.full_like(y, flow.NULL_CLASS)
+    with torch.no_grad():
+        v_cond, v_uncond = model(x, t, y), model(x, t, null)
+    assert (v_cond - v_uncond).abs().max() > 1e-2  # the label matters, so the test can fail
+    torch.testing.assert_close(flow.guided_velocity(model, x, t, y, 1.0), v_cond)  # w=1: cond
+    torch.testing.assert_close(flow.guided_velocity(model, x, t, y, 0.0), v_uncond)  # w=0: uncond
+    torch.testing.assert_close(
+        flow.guided_velocity(model, x, t, y, 3.0), v_uncond + 3.0 * (v_cond - v_uncond)
+    )
+
+
+def test_flow_euler_one_step_on_constant_field_is_exact():
+    g = torch.Generator().manual_seed(0)
+    x1, c = torch.randn(5, 1, 28, 28, generator=g), torch.randn(5, 1, 28, 28, generator=g)
+    x0 = flow.sample_ode(lambda x, t: c, x1, steps=1, solver="euler")
+    assert torch.equal(x0, x1 - c)  # x(0) = x(1) - integral_0^1 c dt
+
+
+def test_flow_sampler_walks_from_noise_to_data():
+    """Time convention: the sampler starts at t=1 (noise) and ends at t=0 (data)."""
+    seen = []
+
+    def record(x, t):
+        seen.append(t[0].item())
+        return torch.zeros_like(x)
+
+    flow.sample_ode(record, torch.zeros(2, 1), steps=4, solver="euler")
+    assert seen == pytest.approx([1.0, 0.75, 0.5, 0.25])
+    seen.clear()
+    flow.sample_ode(record, torch.zeros(2, 1), steps=2, solver="heun")
+    assert seen == pytest.approx([1.0, 0.5, 0.5, 0.0])
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_flow_heun_is_exact_on_a_field_linear_in_t(steps):
+    """v(x, t) = a + b t: the trapezoid rule integrates it exactly, x(0) = x(1) - a - b / 2.
+    Euler is off by b / (2 * steps) here, which shows the test can tell them apart."""
+    a, b = torch.tensor([0.3, -1.0]), torch.tensor([2.0, 4.0])
+    x1 = torch.tensor([1.0, 1.0])
+    exact = x1 - a - b / 2
+    heun = flow.sample_ode(lambda x, t: a + b * t[:, None], x1[None], steps, solver="heun")
+    euler = flow.sample_ode(lambda x, t: a + b * t[:, None], x1[None], steps, solver="euler")
+    torch.testing.assert_close(heun[0], exact, rtol=0, atol=1e-6)
+    assert (euler[0] - exact).abs().max() > 0.3 / steps
+
+
+def test_flow_heun_is_second_order_on_linear_field():
+    """v = k x has the solution x(0) = x(1) exp(-k): halving the step divides Heun's error by
+    about 4 (second order) and Euler's by about 2 (first order)."""
+    k, x1 = 1.5, torch.ones(1, 1, dtype=torch.float64)
+    exact = torch.exp(torch.tensor(-k, dtype=torch.float64))
+
+    def error(steps, solver):
+        return (flow.sample_ode(lambda x, t: k * x, x1, steps, solver) - exact).abs().item()
+
+    assert 3.5 < error(8, "heun") / error(16, "heun") < 4.5
+    assert 1.7 < error(8, "euler") / error(16, "euler") < 2.3
+
+
+def test_flow_synthetic_digits_are_mnist_like_and_class_dependent():
+    images, labels = flow.make_synthetic(500, seed=0)
+    assert images.shape == (500, 1, 28, 28) and images.dtype == torch.uint8
+    assert labels.dtype == torch.int64 and set(labels.tolist()) == set(range(10))
+    again, _ = flow.make_synthetic(500, seed=0)
+    assert torch.equal(images, again)
+    ink = torch.stack([images[labels == c].float().mean() for c in range(10)])
+    assert ink[8] > 1.5 * ink[1]  # "8" lights 7 segments, "1" two
+    x = flow.to_model_range(images)
+    assert x.min() == -1 and x.max() <= 1
+
+
+def test_flow_end_to_end_then_eval(tmp_path):
+    out = tmp_path / "out"
+    common = [*TINY["flow_dit_mnist_cfg"], "--out-dir", str(out)]
+    train = run_script("flow_dit_mnist_cfg", *common, "--synthetic-size", "96", "--batch-size",
+                       "32", "--max-steps", "6", "--sample-every", "1")  # fmt: skip
+    assert train.returncode == 0, train.stderr[-2000:]
+    for name in ["ckpt.pt", "samples_epoch001.png", "class_grid.png", "cfg_scales.png",
+                 "uncond_cond_cfg.png", "class_embeddings.png", "loss.png"]:  # fmt: skip
+        assert (out / name).stat().st_size > 0, name
+    ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert ckpt["script"] == "flow_dit_mnist_cfg" and ckpt["step"] == 6
+    assert len(ckpt["losses"]) == 6
+    assert {"model", "ema", "optimizer", "args", "epoch"} <= set(ckpt)
+
+    evaluation = run_script("flow_dit_mnist_cfg", *common, "--synthetic-size", "96", "--eval",
+                            "--eval-per-class", "3", "--eval-scales", "0,4",
+                            "--classifier-epochs", "1")  # fmt: skip
+    assert evaluation.returncode == 0, evaluation.stderr[-2000:]
+    table = evaluation.stdout.splitlines()
+    header = next(i for i, line in enumerate(table) if line.split()[:2] == ["w", "accuracy"])
+    assert [line.split()[0] for line in table[header + 1 : header + 4]] == ["real", "0", "4"]
+    with open(out / "eval.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["w"] for r in rows] == ["real", "0.0", "4.0"]
+    for r in rows:
+        assert 0 <= float(r["accuracy"]) <= 1 and float(r["diversity"]) > 0
+    assert (out / "eval.png").stat().st_size > 0 and (out / "classifier.pt").exists()
+    assert os.path.getsize(out / "ckpt.pt") > 0
+
+
+def test_flow_bad_flag_subprocess():
+    r = run_script("flow_dit_mnist_cfg", "--patch-size", "5")
+    assert r.returncode == 2
+    assert (
+        r.stderr.strip()
+        == "flow_dit_mnist_cfg.py: error: --patch-size 5 must divide the image size 28"
+    )
+
+
+def test_flow_bench_prints_table(capsys):
+    flags = TINY["flow_dit_mnist_cfg"] + ["--bench", "--bench-steps", "2", "--bench-samples", "4"]
+    code, out, err = run_main(flow, flags, capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("variant"))
+    fast, plain = lines[header + 2].split(), lines[header + 3].split()
+    assert fast[0] == "fast" and plain[0] == "plain"
+    assert all(float(v) > 0 for v in fast[1:7] + plain[1:7]), out
+    # on the CPU both variants are eager fp32: the same loss to float rounding
+    parity = out.split("mean relative difference ")[1]
+    assert float(parity.split(",")[0]) < 1e-5 and float(parity.split("max ")[1]) < 1e-5, out
+
+
+def test_flow_epoch_batches_cover_every_index_once():
+    batches = flow.epoch_batches(50, 8, epoch=0, seed=3)
+    assert torch.cat(batches).sort().values.tolist() == list(range(50))
+
+
+# -----------------------------------------------------------------------------
 # Robustness, shared by the image scripts: resume, crash safety, interrupts, bad input
 
 
-@pytest.mark.parametrize("name", ["ddpm_cifar_cfg"])
+@pytest.mark.parametrize("name", IMAGE_SCRIPTS)
 def test_resume_is_exact(name, tmp_path, capsys):
     module = MODULES[name]
     flags = TINY[name] + ["--epochs", "2"]
@@ -239,11 +495,11 @@ def wait_for(path, timeout=90):
 def start_long_run(name, out_dir):
     """A training run that saves a checkpoint every epoch (a few steps) and would run for long."""
     flags = TINY[name] + ["--synthetic-size", "16", "--epochs", "100000", "--out-dir", str(out_dir)]
-    return subprocess.Popen([sys.executable, str(HERE / f"{name}.py"), *flags], cwd=HERE,
+    return subprocess.Popen([sys.executable, str(HERE / f"{name}.py"), *flags], cwd=HERE, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["ddpm_cifar_cfg"])
+@pytest.mark.parametrize("name", IMAGE_SCRIPTS)
 def test_kill_during_saves_leaves_a_loadable_checkpoint(name, tmp_path):
     proc = start_long_run(name, tmp_path)
     try:
@@ -256,7 +512,7 @@ def test_kill_during_saves_leaves_a_loadable_checkpoint(name, tmp_path):
     assert ckpt["step"] > 0 and ckpt["script"] == name
 
 
-@pytest.mark.parametrize("name", ["ddpm_cifar_cfg"])
+@pytest.mark.parametrize("name", IMAGE_SCRIPTS)
 def test_ctrl_c_saves_and_exits_cleanly(name, tmp_path):
     proc = start_long_run(name, tmp_path)
     try:
@@ -270,19 +526,19 @@ def test_ctrl_c_saves_and_exits_cleanly(name, tmp_path):
     assert f"interrupted at step {step}: saved {tmp_path / 'ckpt.pt'}" in out
 
 
-@pytest.mark.parametrize("name", ["ddpm_cifar_cfg"])
+@pytest.mark.parametrize("name", IMAGE_SCRIPTS)
 def test_nonfinite_loss_stops_without_overwriting(name, tmp_path, capsys, monkeypatch):
     module = MODULES[name]
     flags = TINY[name] + ["--epochs", "3", "--out-dir", str(tmp_path)]
     module.main(flags + ["--max-steps", "6"])
     calls = []
-    loss_fn = module.diffusion_loss if name == "ddpm_cifar_cfg" else module.flow_matching_loss
+    loss_fn = getattr(module, LOSS_FUNCTIONS[name])
 
     def exploding_loss(*a, **k):  # finite for two steps, then NaN
         calls.append(1)
         return loss_fn(*a, **k) * (float("nan") if len(calls) > 2 else 1.0)
 
-    monkeypatch.setattr(module, loss_fn.__name__, exploding_loss)
+    monkeypatch.setattr(module, LOSS_FUNCTIONS[name], exploding_loss)
     capsys.readouterr()
     code, out, err = run_main(module, flags + ["--resume"], capsys)
     assert code == 1
@@ -291,8 +547,8 @@ def test_nonfinite_loss_stops_without_overwriting(name, tmp_path, capsys, monkey
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 6
 
 
-def test_torchrun_two_ranks_identical_weights(tmp_path):
-    name = "ddpm_cifar_cfg"
+@pytest.mark.parametrize("name", IMAGE_SCRIPTS)
+def test_torchrun_two_ranks_identical_weights(name, tmp_path):
     wrapper = tmp_path / "rank.py"
     wrapper.write_text(
         "import os, sys, torch\n"
@@ -305,8 +561,7 @@ def test_torchrun_two_ranks_identical_weights(tmp_path):
     flags = TINY[name] + ["--max-steps", "3", "--out-dir", str(tmp_path / "out")]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(wrapper), *flags]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=ENV, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
     assert any((v != 0).any() for v in rank0.values())
@@ -345,6 +600,26 @@ BAD_FLAGS = {
         (["--sample-only", "--resume"], "choose at most one of --sample-only, --resume"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     ],
+    "flow_dit_mnist_cfg": [
+        (["--p-uncond", "1.5"], "argument --p-uncond: expected a probability in [0, 1], got '1.5'"),
+        (["--ema-decay", "-1"], "argument --ema-decay: expected a probability in [0, 1]"),
+        (["--epochs", "0"], "argument --epochs: expected a positive integer, got '0'"),
+        (["--batch-size", "0"], "argument --batch-size: expected a positive integer"),
+        (["--max-steps", "0"], "argument --max-steps: expected a positive integer"),
+        (["--depth", "0"], "argument --depth: expected a positive integer"),
+        (["--sample-steps", "-2"], "argument --sample-steps: expected a positive integer"),
+        (["--lr", "-1"], "argument --lr: expected a positive number, got '-1'"),
+        (["--patch-size", "5"], "--patch-size 5 must divide the image size 28"),
+        (["--width", "30", "--heads", "4"], "--width 30 must be divisible by --heads 4"),
+        (["--width", "18", "--heads", "2"], "--width 18 must be divisible by 4"),
+        (["--solver", "rk4"], "argument --solver: invalid choice: 'rk4'"),
+        (["--t-sampling", "beta"], "argument --t-sampling: invalid choice: 'beta'"),
+        (["--dataset", "cifar10"], "argument --dataset: invalid choice: 'cifar10'"),
+        (["--digit", "12"], "argument --digit: invalid choice: 12"),
+        (["--eval-scales", "1,x"], "argument --eval-scales: expected numbers >= 0 like 0,1,4"),
+        (["--eval-per-class", "1"], "--eval-per-class must be at least 2"),
+        (["--resume", "--eval"], "choose one of --resume, --bench and --sample-only/--eval"),
+    ],
 }
 
 
@@ -357,7 +632,7 @@ def test_bad_flags_exit_2_with_one_line(name, flags, message, capsys):
     assert err.count("\n") == 1 and f"{name}.py: error: {message}" in err, err
 
 
-@pytest.mark.parametrize("name", ["ddpm_cifar_cfg"])
+@pytest.mark.parametrize("name", IMAGE_SCRIPTS)
 def test_bad_checkpoints_exit_2_with_one_line(name, tmp_path, capsys):
     module = MODULES[name]
     flags = TINY[name] + ["--out-dir", str(tmp_path)]

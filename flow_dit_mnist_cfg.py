@@ -1,0 +1,1319 @@
+"""
+Class-conditional flow matching with a Diffusion Transformer (DiT) on MNIST, classifier-free
+guidance (CFG), and a measurement of how often "generate a 7" really gives a 7.
+
+What it teaches: a flow-matching model learns the velocity that carries a digit x0 along the
+straight line x_t = (1 - t) x0 + t x1 to Gaussian noise x1; sampling runs that ODE backwards
+from noise (t = 1) to data (t = 0). The network is a small DiT: 4x4 patches -> transformer
+blocks whose LayerNorms are modulated by one condition vector c = embed(t) + embed(class)
+(adaLN-Zero) -> pixels. During training the label is replaced by a learned "null" class 10% of
+the time, so the same network also learns the unconditional velocity, and at sampling time
+v = v_uncond + w * (v_cond - v_uncond) pushes samples towards the requested digit. --eval then
+measures it: a small CNN classifier says which digit each sample shows, for several w, next to
+a diversity figure, which turns the quality/diversity trade-off of guidance into a table.
+
+Papers:
+  Flow matching      Lipman et al. 2022          https://arxiv.org/abs/2210.02747
+  Rectified flow     Liu, Gong & Liu 2022        https://arxiv.org/abs/2209.03003
+  Logit-normal t     Esser et al. 2024 (SD3)     https://arxiv.org/abs/2403.03206
+  DiT, adaLN-Zero    Peebles & Xie 2022          https://arxiv.org/abs/2212.09748
+  CFG                Ho & Salimans 2022          https://arxiv.org/abs/2207.12598
+  Heun ODE sampler   Karras et al. 2022 (EDM)    https://arxiv.org/abs/2206.00364
+
+Commands:
+  python flow_dit_mnist_cfg.py                       # train on MNIST (30 epochs), then figures
+  python flow_dit_mnist_cfg.py --sample-only         # figures again from out/flow_dit_mnist
+  python flow_dit_mnist_cfg.py --eval                # class-fidelity table from that checkpoint
+  offline CPU smoke run (no download, a few minutes on 2 cores):
+  python flow_dit_mnist_cfg.py --dataset synthetic --width 64 --depth 2 --epochs 2 --device cpu
+
+Outputs (in --out-dir): ckpt.pt, loss.png, samples_epochNNN.png previews, and the experiments
+class_grid.png, cfg_scales.png, uncond_cond_cfg.png, class_embeddings.png; --eval adds
+classifier.pt, eval.csv and eval.png.
+
+Measured results (hardware, time, commands) are in README.md; only measured figures go there.
+
+Left out on purpose: latent space / VAE (28x28 pixels are cheap), FID (the classifier table
+measures what this lesson is about), learned sigma, timestep shifting, adaptive ODE solvers,
+minibatch optimal-transport couplings. Each would hide the lesson under machinery.
+"""
+
+import argparse
+import contextlib
+import copy
+import csv
+import math
+import os
+import pickle
+import signal
+import statistics
+import sys
+import time
+from functools import partial
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+SCRIPT = "flow_dit_mnist_cfg"
+NUM_CLASSES = 10
+NULL_CLASS = NUM_CLASSES  # the learned "no label" row of the class embedding table
+IMAGE_SIZE = 28  # MNIST and the synthetic digits are both 1 x 28 x 28
+IN_CHANNELS = 1
+CFG_SCALES = (1, 2, 3, 4, 5, 7)  # guidance scales of the CFG-scale comparison figure
+# Flags that fix the network's shapes: a checkpoint only loads if they match.
+ARCH_FLAGS = "dataset width depth heads patch_size mlp_ratio cond_dim"
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of the whole usage block, exit code 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def checked(convert, is_valid, expected):
+    """An argparse `type`: convert the text, then validate it, so that a bad value gets a one-line
+    error naming the flag, before any data or model is touched."""
+
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not is_valid(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+def split(text, convert):
+    return [convert(v) for v in text.split(",")]
+
+
+positive_int = checked(int, lambda v: v > 0, "a positive integer")
+nonnegative_int = checked(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = checked(float, lambda v: 0 < v < math.inf, "a positive number")
+nonnegative_float = checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+probability = checked(float, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
+float_list = checked(partial(split, convert=float), lambda v: 0 <= min(v) <= max(v) < math.inf,
+                     "numbers >= 0 like 0,1,4")  # fmt: skip
+
+
+def get_args(argv=None):
+    parser = ArgumentParser(
+        prog=f"{SCRIPT}.py",
+        description="Class-conditional flow matching with a DiT on MNIST, with CFG.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    # fmt: off
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", choices=("mnist", "synthetic"), default="mnist",
+                   help="torchvision MNIST, or procedural seven-segment digits built in memory")
+    g.add_argument("--data-dir", default="data", help="where torchvision finds or downloads MNIST")
+    g.add_argument("--synthetic-size", type=positive_int, default=10000,
+                   help="number of images in --dataset synthetic")
+    g = parser.add_argument_group("model")
+    g.add_argument("--width", type=positive_int, default=256, help="transformer width (channels)")
+    g.add_argument("--depth", type=positive_int, default=6, help="number of DiT blocks")
+    g.add_argument("--heads", type=positive_int, default=8, help="attention heads per block")
+    g.add_argument("--patch-size", type=positive_int, default=4,
+                   help="patch side in pixels; must divide 28 (4 gives 7x7 = 49 tokens)")
+    g.add_argument("--mlp-ratio", type=positive_float, default=4.0,
+                   help="MLP hidden width as a multiple of --width")
+    g.add_argument("--cond-dim", type=positive_int, default=1024,
+                   help="width of the conditioning vector c = embed(t) + embed(y)")
+    g = parser.add_argument_group("flow matching")
+    g.add_argument("--t-sampling", choices=("uniform", "logit-normal"), default="uniform",
+                   help="training distribution of t: U(0, 1) or sigmoid(N(0, 1)) (Esser et al.)")
+    g = parser.add_argument_group("training")
+    g.add_argument("--epochs", type=positive_int, default=30, help="passes over the training set")
+    g.add_argument("--max-steps", type=positive_int, default=None,
+                   help="stop after this many optimizer steps in all (smoke runs); the lr "
+                        "schedule still spans --epochs")
+    g.add_argument("--batch-size", type=positive_int, default=128,
+                   help="global batch size, split evenly over torchrun ranks")
+    g.add_argument("--lr", type=positive_float, default=1e-4, help="peak AdamW learning rate")
+    g.add_argument("--weight-decay", type=nonnegative_float, default=0.01, help="AdamW decay")
+    g.add_argument("--warmup-steps", type=nonnegative_int, default=500,
+                   help="steps of linear lr warm-up before the cosine decay")
+    g.add_argument("--grad-clip", type=positive_float, default=1.0, help="max gradient norm")
+    g.add_argument("--p-uncond", type=probability, default=0.1,
+                   help="probability of replacing the label by the null class (CFG training)")
+    g.add_argument("--ema-decay", type=probability, default=0.9999,
+                   help="EMA decay of the weights used for sampling (with warm-up)")
+    g.add_argument("--log-every", type=positive_int, default=50,
+                   help="steps between loss checks and progress-bar updates")
+    g.add_argument("--save-every", type=positive_int, default=1, help="epochs between checkpoints")
+    g.add_argument("--sample-every", type=positive_int, default=5,
+                   help="epochs between preview grids")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from --ckpt, or from ckpt.pt in --out-dir")
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--guidance-scale", type=nonnegative_float, default=4.0,
+                   help="CFG scale w: 0 unconditional, 1 conditional, > 1 guided")
+    g.add_argument("--sample-steps", type=positive_int, default=50,
+                   help="ODE steps from t=1 (noise) to t=0 (data)")
+    g.add_argument("--solver", choices=("euler", "heun"), default="euler",
+                   help="ODE solver; Heun is 2nd order and costs two model calls per step")
+    g.add_argument("--digit", type=int, choices=range(NUM_CLASSES), default=7, metavar="0..9",
+                   help="digit shown in the CFG-scale comparison")
+    g.add_argument("--sample-only", action="store_true",
+                   help="no training: load --ckpt and make the figures")
+    g.add_argument("--ckpt", default=None,
+                   help="checkpoint for --sample-only, --eval and --resume "
+                        "(default: --out-dir/ckpt.pt)")
+    g = parser.add_argument_group("evaluation")
+    g.add_argument("--eval", action="store_true",
+                   help="no training: load --ckpt, score samples with a classifier, write eval.csv")
+    g.add_argument("--eval-per-class", type=positive_int, default=100,
+                   help="generated samples per class and per w in --eval (at least 2)")
+    g.add_argument("--eval-scales", type=float_list, default=[0, 1, 2, 3, 4, 5, 7],
+                   help="comma-separated guidance scales w scored by --eval")
+    g.add_argument("--classifier-epochs", type=positive_int, default=2,
+                   help="epochs of the eval classifier (cached in OUT_DIR/classifier.pt)")
+    g = parser.add_argument_group("system")
+    g.add_argument("--out-dir", default="out/flow_dit_mnist",
+                   help="checkpoint, figures and the eval table go here")
+    g.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
+                   help="auto picks cuda > mps > cpu")
+    g.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="autocast dtype; auto = bf16 on CUDA if supported, else fp32")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--seed", type=nonnegative_int, default=0, help="random seed")
+    g.add_argument("--bench", action="store_true",
+                   help="time training and sampling, fast vs plain configuration, then exit")
+    g.add_argument("--bench-steps", type=positive_int, default=20,
+                   help="timed training steps per variant and repetition in --bench")
+    g.add_argument("--bench-samples", type=positive_int, default=256,
+                   help="images per timed CFG sampling run in --bench")
+    # fmt: on
+    args = parser.parse_args(argv)
+
+    # Cross-flag checks, still one line and exit code 2, before any data or model is touched.
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world_size:
+        parser.error(f"--batch-size {args.batch_size} is not divisible by the {world_size} ranks")
+    if IMAGE_SIZE % args.patch_size:
+        parser.error(f"--patch-size {args.patch_size} must divide the image size {IMAGE_SIZE}")
+    if args.width % args.heads:
+        parser.error(f"--width {args.width} must be divisible by --heads {args.heads}")
+    if args.width % 4:
+        parser.error(f"--width {args.width} must be divisible by 4 (2-D sin-cos embedding)")
+    if args.eval_per_class < 2:
+        parser.error("--eval-per-class must be at least 2 (diversity is a pairwise distance)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but no CUDA device is visible (try --device cpu)")
+    if args.device == "mps" and not torch.backends.mps.is_available():
+        parser.error("--device mps, but MPS is not available (try --device cpu)")
+    if args.resume + args.bench + (args.sample_only or args.eval) > 1:
+        parser.error("choose one of --resume, --bench and --sample-only/--eval")
+    if args.bench and world_size > 1:
+        parser.error("--bench runs in one process: start it with python, not torchrun")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Utilities
+
+
+def fail(message, code=2):
+    """Exit with one clear line instead of a traceback (bad checkpoint, missing data)."""
+    print(f"{SCRIPT}.py: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def resolve_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    return torch.device(name)
+
+
+def resolve_dtype(name, device):
+    if name == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        name = "bf16" if cuda_bf16 else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def autocast_context(device, dtype):
+    """bf16/fp16 autocast: matmuls in half precision, norms, softmax and the loss in fp32.
+    With fp32 it is a no-op, so one `with ctx:` serves every precision."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def set_matmul_precision(dtype):
+    """TF32 tensor cores for the fp32 matmuls that autocast leaves, only when mixed precision is on,
+    so that --dtype fp32 stays true fp32."""
+    torch.set_float32_matmul_precision("highest" if dtype == torch.float32 else "high")
+
+
+def setup_distributed(device_name):
+    """DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python` is one process.
+    Returns (rank, world_size, device)."""
+    device = resolve_device(device_name)
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+class StopSignal:
+    """Ctrl-C (SIGINT) or SIGTERM (torchrun, schedulers) sets a flag, so the training loop can save
+    a checkpoint and exit cleanly at the next step. A second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def get_pyplot():
+    """matplotlib is imported only when a figure is drawn, so importing the script stays fast."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_image_grid(images, path, nrow, title, col_labels=None, row_labels=None):
+    """Save (nrow * ncol, C, H, W) images in [-1, 1], laid out row by row, as a labelled PNG."""
+    plt = get_pyplot()
+    n, c, h, w = images.shape
+    ncol = n // nrow
+    x = F.pad((images.float().cpu().clamp(-1, 1) + 1) / 2, (1, 1, 1, 1), value=1.0)
+    h, w = h + 2, w + 2  # with a one-pixel white frame
+    x = x.view(nrow, ncol, c, h, w).permute(0, 3, 1, 4, 2).reshape(nrow * h, ncol * w, c)
+    fig, ax = plt.subplots(figsize=(1 + 0.8 * ncol, 0.8 + 0.8 * nrow))
+    ax.imshow(x.squeeze(-1).numpy(), cmap="gray" if c == 1 else None, vmin=0, vmax=1)
+    ax.set_xticks([w * (i + 0.5) for i in range(ncol)] if col_labels else [])
+    ax.set_xticklabels(col_labels or [], fontsize=8)
+    ax.set_yticks([h * (i + 0.5) for i in range(nrow)] if row_labels else [])
+    ax.set_yticklabels(row_labels or [], fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+def save_loss_curve(losses, path, title):
+    plt = get_pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(losses, lw=0.5, alpha=0.4, label="per step")
+    window = max(1, len(losses) // 50)
+    smooth = torch.tensor(losses).unfold(0, window, 1).mean(1)  # moving average
+    ax.plot(range(window - 1, len(losses)), smooth, label=f"mean of {window} steps")
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title=title)
+    ax.legend()
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+def save_checkpoint(state, path):
+    """Atomic save: write a temporary file in the same folder, then rename it over the old one.
+    A crash or kill during torch.save leaves the previous checkpoint untouched."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, args):
+    """Load a checkpoint of this script and check that its architecture flags match this run;
+    anything else ends with one clear line (exit code 2)."""
+    if not os.path.isfile(path):
+        fail(f"no checkpoint at {path}; train first, or point --ckpt at one")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, wrong format, pickled code: all mean "not loadable"
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
+        fail(f"{path} was not written by {SCRIPT}.py")
+    for key in ARCH_FLAGS.split():
+        saved, ours = ckpt["args"][key], getattr(args, key)
+        if saved != ours:
+            flag = "--" + key.replace("_", "-")
+            fail(
+                f"{path} was trained with {flag} {saved}, this run has {ours}; pass {flag} {saved}"
+            )
+    return ckpt
+
+
+def rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# -----------------------------------------------------------------------------
+# Probability path
+# Time convention, used everywhere below: t = 0 is data, t = 1 is pure noise.
+#   x_t = (1 - t) x0 + t x1,   x0 ~ data,  x1 ~ N(0, I)
+#   dx_t/dt = x1 - x0 = v      (the velocity the model learns; constant along each straight line)
+# Sampling integrates dx/dt = v(x, t) backwards, from t = 1 to t = 0.
+
+
+def sample_t(batch_size, device, t_sampling="uniform"):
+    """Training times t in (0, 1), shape (B,)."""
+    if t_sampling == "uniform":
+        return torch.rand(batch_size, device=device)
+    # logit-normal (Esser et al. 2024, Sec. 3.1): t = sigmoid(n), n ~ N(0, 1); puts more weight
+    # on the middle of the path, where predicting the velocity is hardest.
+    return torch.sigmoid(torch.randn(batch_size, device=device))
+
+
+def interpolate(x0, x1, t):
+    """x_t = (1 - t) x0 + t x1, t of shape (B,) broadcast over (B, C, H, W)."""
+    t = t.view(-1, 1, 1, 1)
+    return (1 - t) * x0 + t * x1
+
+
+# -----------------------------------------------------------------------------
+# Model
+
+
+def modulate(x, shift, scale):
+    """adaLN: normalised tokens are shifted and scaled per sample by the condition."""
+    return x * (1 + scale) + shift
+
+
+def sincos_pos_embed_2d(dim, grid_size):
+    """Fixed 2-D sin-cos position embedding (MAE / DiT): half of the channels encode the row,
+    half the column, each with sin and cos at geometrically spaced frequencies."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (D/4,)
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")  # (G, G) each
+
+    def embed_1d(pos):
+        angles = pos.reshape(-1, 1) * omega  # (G*G, D/4)
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # (G*G, D/2)
+
+    return torch.cat([embed_1d(rows), embed_1d(cols)], dim=1).float()  # (G*G, D)
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> (B, cond_dim). The sinusoidal embedding was designed for integer steps
+    0..1000 (Vaswani et al. / Ho et al.), so t is scaled by t_scale first: feeding raw t in [0, 1]
+    would leave all but the lowest frequencies almost constant."""
+
+    def __init__(self, cond_dim, freq_dim=256, t_scale=1000.0):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.t_scale = t_scale
+        self.mlp = nn.Sequential(
+            nn.Linear(freq_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim)
+        )
+
+    @staticmethod
+    def sinusoidal(t, dim, max_period=10000.0):
+        """Computed in float32 even under autocast: bf16 cannot resolve 1000*t to one step."""
+        half = dim // 2
+        exponent = -math.log(max_period) * torch.arange(half, device=t.device) / half
+        freqs = torch.exp(exponent.float())  # (D/2,)
+        angles = t.float()[:, None] * freqs[None]  # (B, D/2)
+        return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # (B, D)
+
+    def forward(self, t):
+        return self.mlp(self.sinusoidal(t * self.t_scale, self.freq_dim))  # (B, cond_dim)
+
+
+class LabelEmbedder(nn.Module):
+    """Class label -> (B, cond_dim). Row NULL_CLASS is the learned "no label" embedding that
+    carries the unconditional model. Labels are dropped in the loss, not here."""
+
+    def __init__(self, cond_dim):
+        super().__init__()
+        self.table = nn.Embedding(NUM_CLASSES + 1, cond_dim)
+
+    def forward(self, y):
+        return self.table(y)  # (B, cond_dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x):
+        B, L, D = x.shape
+        qkv = self.qkv(x).reshape(B, L, 3, self.heads, D // self.heads)  # (B, L, 3, H, D/H)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, D/H)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, L, D/H), fused kernel where possible
+        x = x.transpose(1, 2).reshape(B, L, D)  # (B, L, D)
+        return self.proj(x)
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block whose LayerNorms are modulated by the condition (adaLN-Zero,
+    Peebles & Xie Sec. 3.2): one Linear maps c to shift, scale and gate for attention and MLP."""
+
+    def __init__(self, width, heads, mlp_ratio, cond_dim):
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width)
+        )
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * width))
+
+    def forward(self, x, c):
+        mod = self.adaLN_modulation(c).unsqueeze(1)  # (B, 1, 6D)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=-1)  # 6 x (B, 1, D)
+        x = x + gate_a * self.attn(modulate(self.norm1(x), shift_a, scale_a))  # (B, L, D)
+        x = x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))  # (B, L, D)
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale; no gate) then a Linear from each token to its p*p*C pixels."""
+
+    def __init__(self, width, patch_size, out_channels, cond_dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * width))
+        self.linear = nn.Linear(width, patch_size * patch_size * out_channels)
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=-1)  # 2 x (B, 1, D)
+        return self.linear(modulate(self.norm(x), shift, scale))  # (B, L, p*p*C)
+
+
+class DiT(nn.Module):
+    """Velocity model v(x_t, t, y): image (B, C, H, W), t (B,), label (B,) -> (B, C, H, W)."""
+
+    def __init__(
+        self,
+        image_size=IMAGE_SIZE,
+        patch_size=4,
+        in_channels=IN_CHANNELS,
+        width=256,
+        depth=6,
+        heads=8,
+        mlp_ratio=4.0,
+        cond_dim=1024,
+    ):
+        super().__init__()
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.grid_size = image_size // patch_size
+        # Patchify: a strided conv is a Linear applied to every non-overlapping p x p patch.
+        self.x_embedder = nn.Conv2d(in_channels, width, patch_size, stride=patch_size)
+        # Fixed, not learned; non-persistent, so checkpoints hold only trained weights.
+        pos = sincos_pos_embed_2d(width, self.grid_size).unsqueeze(0)  # (1, L, D)
+        self.register_buffer("pos_embed", pos, persistent=False)
+        self.t_embedder = TimestepEmbedder(cond_dim)
+        self.y_embedder = LabelEmbedder(cond_dim)
+        self.blocks = nn.ModuleList(
+            [DiTBlock(width, heads, mlp_ratio, cond_dim) for _ in range(depth)]
+        )
+        self.final_layer = FinalLayer(width, patch_size, in_channels, cond_dim)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # Every Linear: Xavier-uniform weights, zero bias (ViT / DiT).
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        # Patch embedding: initialised like the Linear over flattened patches it is.
+        w = self.x_embedder.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        # Embeddings of t and y: small normal weights, as in DiT.
+        nn.init.normal_(self.y_embedder.table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            # adaLN-Zero: shift = scale = gate = 0, so each block starts as the identity map.
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        # Final layer: zero modulation ...
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        # ... and zero output, so the untrained model predicts v = 0 everywhere.
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, x):
+        B, p, g, C = x.shape[0], self.patch_size, self.grid_size, self.in_channels
+        x = x.reshape(B, g, g, p, p, C)  # (B, G, G, p, p, C)
+        x = torch.einsum("bhwpqc->bchpwq", x)  # (B, C, G, p, G, p)
+        return x.reshape(B, C, g * p, g * p)  # (B, C, H, W)
+
+    def forward(self, x, t, y):
+        x = self.x_embedder(x)  # (B, D, G, G)
+        x = x.flatten(2).transpose(1, 2) + self.pos_embed  # (B, L, D), L = G*G tokens
+        c = self.t_embedder(t) + self.y_embedder(y)  # (B, cond_dim), one vector per sample
+        for block in self.blocks:
+            x = block(x, c)  # (B, L, D)
+        x = self.final_layer(x, c)  # (B, L, p*p*C)
+        return self.unpatchify(x)  # (B, C, H, W)
+
+
+# -----------------------------------------------------------------------------
+# Data
+# The whole training set is held in memory as one uint8 tensor (MNIST: 47 MB); batches are drawn
+# by indexing it, with no DataLoader worker processes to feed.
+
+# Synthetic digits are seven-segment glyphs: 6 corner nodes of a 1 x 2 box (x right, y down),
+# segments a..g between pairs of nodes, and for each digit 0..9 the segments that are lit.
+GLYPH_NODES = [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]  # TL, TR, ML, MR, BL, BR
+GLYPH_SEGMENTS = [(0, 1), (1, 3), (3, 5), (4, 5), (2, 4), (0, 2), (2, 3)]  # a, b, c, d, e, f, g
+DIGIT_SEGMENTS = "abcdef bc abdeg abcdg bcfg acdfg acdefg abc abcdefg abcdfg".split()
+
+
+def make_synthetic(n, seed, chunk=1024):
+    """n procedural digits, uint8 (n, 1, 28, 28), and labels (n,), like MNIST: a seven-segment
+    glyph per class with random position, size, slant, corner wobble, stroke width and
+    brightness, plus faint pixel noise. Learnable in minutes, and 1/7, 8/0/9, 5/6 differ by a
+    single stroke, so unguided samples visibly drift between classes."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+
+    def uniform(lo, hi, *shape):
+        return lo + (hi - lo) * torch.rand(n, *shape, generator=g)
+
+    unit = torch.tensor(GLYPH_NODES, dtype=torch.float32)  # (6, 2)
+    half_w, half_h = uniform(3.5, 5.5, 1), uniform(7.0, 9.5, 1)  # (n, 1) glyph half-size, px
+    cx, cy = uniform(12.0, 16.0, 1), uniform(12.5, 15.5, 1)  # (n, 1) glyph centre
+    slant = uniform(-0.1, 0.35, 1)  # (n, 1) italic shear
+    nx = cx + (unit[:, 0] - 0.5) * 2 * half_w + slant * (1 - unit[:, 1]) * half_h  # (n, 6)
+    ny = cy + (unit[:, 1] - 1) * half_h  # (n, 6)
+    nodes = torch.stack([nx, ny], dim=-1) + uniform(-0.8, 0.8, 6, 2)  # (n, 6, 2) with wobble
+    segments = torch.tensor(GLYPH_SEGMENTS)  # (7, 2) node indices
+    lit = torch.tensor([[s in DIGIT_SEGMENTS[d] for s in "abcdefg"] for d in range(NUM_CLASSES)])
+    stroke = uniform(0.6, 1.4, 1)  # (n, 1) half stroke width, px
+    ink = uniform(0.75, 1.0, 1)  # (n, 1) brightness
+    yy, xx = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    pixels = torch.stack([xx, yy], dim=-1).reshape(1, 1, -1, 2)  # (1, 1, 784, 2)
+    images = []
+    for i in range(0, n, chunk):  # chunks bound the (chunk, 7, 784, 2) distance tensors
+        a = nodes[i : i + chunk, segments[:, 0]]  # (m, 7, 2) segment starts
+        b = nodes[i : i + chunk, segments[:, 1]]  # (m, 7, 2) segment ends
+        ap, ab = pixels - a[:, :, None], (b - a)[:, :, None]  # (m, 7, 784, 2), (m, 7, 1, 2)
+        s = ((ap * ab).sum(-1) / (ab * ab).sum(-1).clamp_min(1e-6)).clamp(0, 1)  # (m, 7, 784)
+        dist = (ap - s[..., None] * ab).norm(dim=-1)  # (m, 7, 784) pixel-to-segment distance
+        on = lit[labels[i : i + chunk]][:, :, None]  # (m, 7, 1)
+        dist = torch.where(on, dist, torch.inf).amin(dim=1)  # (m, 784) to the nearest lit stroke
+        img = (stroke[i : i + chunk] + 0.5 - dist).clamp(0, 1) * ink[i : i + chunk]  # antialiased
+        img = img + 0.03 * torch.randn(img.shape, generator=g)
+        images.append((img.clamp(0, 1) * 255).round().to(torch.uint8).view(-1, 1, 28, 28))
+    return torch.cat(images), labels
+
+
+def load_dataset(name, data_dir, synthetic_size, seed):
+    """The whole training set as (uint8 images (N, 1, 28, 28), int64 labels (N,))."""
+    if name == "synthetic":
+        return make_synthetic(synthetic_size, seed)
+    import torchvision
+
+    try:
+        ds = torchvision.datasets.MNIST(data_dir, train=True, download=True)
+    except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), corrupt archive
+        fail(
+            f"could not load mnist into {data_dir!r} ({type(e).__name__}); put the data there "
+            "and pass --data-dir, or run offline with --dataset synthetic",
+            code=1,
+        )
+    return ds.data[:, None].contiguous(), torch.as_tensor(ds.targets)  # (60000, 1, 28, 28)
+
+
+def to_model_range(images):
+    """uint8 [0, 255] -> float [-1, 1], the range the flow starts from (x0) and returns to."""
+    return images.float() / 127.5 - 1
+
+
+def epoch_batches(num_items, batch_size, epoch, seed, rank=0, world_size=1, device="cpu"):
+    """Index batches for one epoch: a fresh permutation per epoch, identical on every rank (it
+    depends only on seed and epoch), split into equal shards, one per rank. Single process: every
+    index once; with N ranks the last N % world_size items of the permutation are skipped so that
+    every rank takes the same number of steps. The last batch may be smaller."""
+    g = torch.Generator().manual_seed(1_000_000 * seed + epoch)
+    perm = torch.randperm(num_items, generator=g)
+    perm = perm[: num_items - num_items % world_size][rank::world_size]
+    return perm.to(device).split(batch_size)
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def flow_loss(model, x0, y, p_uncond, t_sampling="uniform"):
+    """Conditional flow matching: E || v_theta(x_t, t, y) - (x1 - x0) ||^2 with label dropout."""
+    B = x0.shape[0]
+    # Label dropout: with probability p_uncond the label becomes the null class, so the same
+    # network also learns the unconditional velocity that CFG needs at sampling time.
+    y = torch.where(torch.rand(B, device=y.device) < p_uncond, NULL_CLASS, y)
+    t = sample_t(B, x0.device, t_sampling)  # (B,)
+    x1 = torch.randn_like(x0)  # (B, C, H, W) the noise end of each straight path
+    x_t = interpolate(x0, x1, t)  # (B, C, H, W)
+    v_pred = model(x_t, t, y)  # (B, C, H, W)
+    return F.mse_loss(v_pred.float(), x1 - x0)  # target: the velocity dx_t/dt = x1 - x0
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema = decay * ema + (1 - decay) * model, for all tensors in one multi-tensor kernel."""
+    ema_params, params = list(ema.parameters()), list(model.parameters())
+    torch._foreach_lerp_(ema_params, params, 1 - decay)
+
+
+def ema_decay_at(step, decay):
+    """EMA warm-up: early on the average would be stuck near the random init, so the effective
+    decay grows as (1 + step) / (10 + step) until it reaches the configured value."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+def warmup_cosine(step, warmup_steps, total_steps):
+    """lr multiplier: linear warm-up from 0 to 1, then cosine decay to 0 at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model, lr, weight_decay, device):
+    # fused AdamW: one kernel for the whole update instead of several per parameter tensor
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(model.parameters(), lr, weight_decay=weight_decay, fused=fused)
+
+
+def train_step(model, ema, optimizer, scheduler, scaler, ctx, x0, y, ema_decay, grad_clip, loss_fn):
+    """loss -> backward -> clip -> AdamW -> lr schedule -> EMA. Returns the loss without syncing
+    (no .item()), so the GPU can run ahead of Python."""
+    with ctx:
+        loss = loss_fn(model, x0, y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()  # the scaler is a no-op except with --dtype fp16
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    update_ema(ema, model, ema_decay)
+    return loss.detach()
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+
+@torch.no_grad()
+def guided_velocity(model, x, t, y, w, ctx=None):
+    """Classifier-free guidance (Ho & Salimans 2022): v = v_uncond + w * (v_cond - v_uncond).
+    w = 1 is the plain conditional velocity, w = 0 the unconditional one, w > 1 pushes samples
+    further towards the class. Both velocities come from ONE batched forward pass over [x; x]
+    with labels [y; null]; the combination is done in float32."""
+    null = torch.full_like(y, NULL_CLASS)
+    with ctx or contextlib.nullcontext():
+        v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))  # (2B, C, H, W)
+    v_cond, v_uncond = v.float().chunk(2)  # 2 x (B, C, H, W)
+    return v_uncond + w * (v_cond - v_uncond)
+
+
+@torch.no_grad()
+def sample_ode(velocity_fn, x1, steps, solver="euler"):
+    """Integrate dx/dt = velocity_fn(x, t) from t = 1 (noise x1) to t = 0 (data) in `steps` equal
+    steps of dt = -1/steps; velocity_fn maps x (B, ...) and t (B,) to a velocity like x.
+      Euler: x <- x + dt v(x, t)                                     (1 call per step)
+      Heun:  x' = x + dt v(x, t);  x <- x + dt (v(x, t) + v(x', t + dt)) / 2   (2 calls)"""
+    x = x1.float()
+    ts = torch.linspace(1.0, 0.0, steps + 1, device=x.device)
+    for i in range(steps):
+        t, t_next = ts[i], ts[i + 1]
+        dt = t_next - t  # negative: we walk from noise back to data
+        v = velocity_fn(x, t.expand(len(x)))
+        if solver == "heun":
+            v = 0.5 * (v + velocity_fn(x + dt * v, t_next.expand(len(x))))
+        x = x + dt * v
+    return x
+
+
+@torch.no_grad()
+def generate(model, y, w, noise, steps, solver="euler", ctx=None):
+    """Images in [-1, 1] of the classes y (B,) at guidance scale w, from noise (B, C, H, W)."""
+
+    def velocity(x, t):
+        return guided_velocity(model, x, t, y, w, ctx)
+
+    return sample_ode(velocity, noise, steps, solver).clamp(-1, 1)
+
+
+# -----------------------------------------------------------------------------
+# Experiments
+# Each takes the model and the sampling settings explicitly, so it runs from any checkpoint.
+# Every figure reuses fixed noise so that only the quantity being studied changes.
+
+
+def fixed_noise(n, channels, seed, device):
+    g = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same numbers on any device
+    return torch.randn(n, channels, IMAGE_SIZE, IMAGE_SIZE, generator=g).to(device)
+
+
+def plot_class_grid(model, path, w, steps, solver, ctx, seed, per_class=8, device="cpu"):
+    """10 rows (digits 0..9) x per_class guided samples."""
+    y = torch.arange(NUM_CLASSES, device=device).repeat_interleave(per_class)  # (10 * n,)
+    noise = fixed_noise(len(y), IN_CHANNELS, seed, device)
+    images = generate(model, y, w, noise, steps, solver, ctx)
+    title = f"One row per digit (CFG w={w:g}, {solver}, {steps} steps)"
+    save_image_grid(images, path, NUM_CLASSES, title, row_labels=list("0123456789"))
+
+
+def plot_cfg_scales(model, path, digit, steps, solver, ctx, seed, scales=CFG_SCALES, n=8,
+                    device="cpu"):  # fmt: skip
+    """The same n noise images steered to `digit`, one row per guidance scale w."""
+    noise = fixed_noise(n, IN_CHANNELS, seed, device)
+    y = torch.full((n,), digit, device=device)
+    images = torch.cat([generate(model, y, w, noise, steps, solver, ctx) for w in scales])
+    title = f"Digit {digit} at growing guidance scale w (same noise in every row)"
+    save_image_grid(images, path, len(scales), title, row_labels=[f"w={w:g}" for w in scales])
+
+
+def plot_uncond_cond_cfg(model, path, w, steps, solver, ctx, seed, device="cpu"):
+    """Columns: requested digit 0..9, each from its own fixed noise. Rows: unconditional (w=0,
+    the label is ignored), conditional (w=1) and guided (w)."""
+    noise = fixed_noise(NUM_CLASSES, IN_CHANNELS, seed, device)
+    y = torch.arange(NUM_CLASSES, device=device)
+    scales = {"uncond w=0": 0.0, "cond w=1": 1.0, f"CFG w={w:g}": w}
+    images = torch.cat([generate(model, y, s, noise, steps, solver, ctx) for s in scales.values()])
+    save_image_grid(images, path, len(scales), "Unconditional vs conditional vs CFG, same noise",
+                    col_labels=list("0123456789"), row_labels=list(scales))  # fmt: skip
+
+
+def plot_class_embeddings(model, path):
+    """The learned class table, null row included: the raw matrix, the correlation between rows,
+    and a 2-D PCA of the rows (the null row in red)."""
+    plt = get_pyplot()
+    emb = model.y_embedder.table.weight.detach().float().cpu().numpy()  # (11, cond_dim)
+    names = [*"0123456789", "null"]
+    corr = np.corrcoef(emb)  # (11, 11)
+    centred = emb - emb.mean(axis=0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    pcs = centred @ vt[:2].T  # (11, 2)
+    explained = (s[:2] ** 2).sum() / (s**2).sum()
+
+    fig, (ax0, ax1, ax2) = plt.subplots(1, 3, figsize=(17, 4.5), layout="constrained")
+    im = ax0.imshow(emb, aspect="auto", cmap="coolwarm", interpolation="nearest")
+    ax0.set_yticks(range(len(names)), names)
+    ax0.set(title="Class embedding matrix (rows: labels)", xlabel="dimension")
+    fig.colorbar(im, ax=ax0)
+    im = ax1.imshow(corr, cmap="coolwarm", vmin=-1, vmax=1)
+    ax1.set_xticks(range(len(names)), names)
+    ax1.set_yticks(range(len(names)), names)
+    ax1.set_title("Correlation between class embeddings")
+    fig.colorbar(im, ax=ax1)
+    ax2.scatter(pcs[:, 0], pcs[:, 1], c=["C0"] * NUM_CLASSES + ["C3"])
+    for (px, py), name in zip(pcs, names, strict=True):
+        ax2.annotate(name, (px, py), textcoords="offset points", xytext=(4, 4))
+    ax2.set(title=f"PCA of class embeddings ({explained:.0%} of variance)", xlabel="PC 1",
+            ylabel="PC 2")  # fmt: skip
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+def run_experiments(model, losses, out_dir, w, digit, steps, solver, ctx, seed, device="cpu"):
+    """All figures of the lesson from a trained (EMA) model, no training needed."""
+    model.eval()
+    kw = {"steps": steps, "solver": solver, "ctx": ctx, "seed": seed, "device": device}
+    plot_class_grid(model, os.path.join(out_dir, "class_grid.png"), w, **kw)
+    plot_cfg_scales(model, os.path.join(out_dir, "cfg_scales.png"), digit, **kw)
+    plot_uncond_cond_cfg(model, os.path.join(out_dir, "uncond_cond_cfg.png"), w, **kw)
+    plot_class_embeddings(model, os.path.join(out_dir, "class_embeddings.png"))
+    if losses:
+        save_loss_curve(losses, os.path.join(out_dir, "loss.png"), "Flow matching loss (MSE)")
+
+
+# Measured class fidelity: a small CNN, trained on the same training set, judges which digit
+# every sample shows. Accuracy and confidence measure "did we get a 7"; the mean pairwise
+# distance between samples of one class measures how varied the 7s are.
+
+
+def build_classifier():
+    return nn.Sequential(
+        nn.Conv2d(IN_CHANNELS, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 32, 14, 14)
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 64, 7, 7)
+        nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(),  # (B, 128)
+        nn.Linear(128, NUM_CLASSES),  # (B, 10) logits
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def classify(classifier, images, device, batch_size=1000):
+    """Class probabilities (N, 10), on the CPU, of images in [-1, 1]."""
+    probs = [classifier(images[i : i + batch_size].to(device)).float().softmax(-1).cpu()
+             for i in range(0, len(images), batch_size)]  # fmt: skip
+    return torch.cat(probs)
+
+
+def held_out_split(n):
+    """Every 10th image is kept away from the classifier: its held-out accuracy and the real-digit
+    reference row of the table are measured on digits it never saw. Returns (train, held_out)."""
+    held_out = torch.arange(n) % 10 == 0
+    return (~held_out).nonzero()[:, 0], held_out.nonzero()[:, 0]
+
+
+def train_classifier(images, labels, device, epochs, seed, batch_size=128):
+    """Adam on 90% of the uint8 (images, labels); returns the classifier and its accuracy on the
+    held-out 10%."""
+    g = torch.Generator().manual_seed(seed)
+    train, val = held_out_split(len(images))
+    classifier = build_classifier().to(device)
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-3)
+    for _ in range(epochs):
+        order = train[torch.randperm(len(train), generator=g)]
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            x, y = to_model_range(images[idx]).to(device), labels[idx].to(device)
+            loss = F.cross_entropy(classifier(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    classifier.eval()
+    probs = classify(classifier, to_model_range(images[val]), device)
+    return classifier, (probs.argmax(1) == labels[val]).float().mean().item()
+
+
+def get_classifier(path, images, labels, dataset, device, epochs, seed):
+    """The classifier cached at `path` if it was trained on `dataset`, else a new one (cached)."""
+    classifier = build_classifier().to(device)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
+        state = None  # missing or unreadable: train a new one
+    if isinstance(state, dict) and state.get("dataset") == dataset:
+        classifier.load_state_dict(state["model"])
+        print(f"classifier: {path} (held-out accuracy {state['accuracy']:.4f})")
+        return classifier.eval()
+    t0 = time.time()
+    classifier, accuracy = train_classifier(images, labels, device, epochs, seed)
+    save_checkpoint({"dataset": dataset, "model": classifier.state_dict(), "accuracy": accuracy},
+                    path)  # fmt: skip
+    print(f"classifier: trained {epochs} epochs in {time.time() - t0:.0f} s, "
+          f"held-out accuracy {accuracy:.4f}, saved to {path}")  # fmt: skip
+    return classifier
+
+
+def mean_pairwise_distance(images):
+    """Mean L2 distance over all pairs of distinct images (N, C, H, W), in [-1, 1] pixel units."""
+    flat = images.flatten(1).double()  # (N, C*H*W)
+    n = len(flat)
+    return (torch.cdist(flat, flat).sum() / (n * (n - 1))).item()
+
+
+def fidelity(classifier, images, labels, device):
+    """accuracy: fraction classified as the requested class; confidence: mean probability of
+    the requested class; diversity: mean pairwise distance within a class, averaged over classes."""
+    probs = classify(classifier, images, device)  # (N, 10)
+    diversity = [mean_pairwise_distance(images[labels == c]) for c in range(NUM_CLASSES)
+                 if (labels == c).sum() >= 2]  # fmt: skip
+    return {
+        "accuracy": (probs.argmax(1) == labels).float().mean().item(),
+        "confidence": probs[torch.arange(len(labels)), labels].mean().item(),
+        "diversity": sum(diversity) / max(1, len(diversity)),
+    }
+
+
+def evaluate_fidelity(model, classifier, images, labels, scales, per_class, steps, solver, ctx,
+                      seed, device="cpu", batch_size=500):  # fmt: skip
+    """One row {w, accuracy, confidence, diversity} for real digits (up to per_class held-out
+    digits of each class), then one per guidance scale. Every w starts from the same noise, so
+    the rows differ only by the guidance."""
+    model.eval()
+    _, held_out = held_out_split(len(images))
+    real = torch.cat([held_out[labels[held_out] == c][:per_class] for c in range(NUM_CLASSES)])
+    rows = [
+        {"w": "real", **fidelity(classifier, to_model_range(images[real]), labels[real], device)}
+    ]
+    y = torch.arange(NUM_CLASSES).repeat_interleave(per_class)  # (10 * per_class,)
+    noise = fixed_noise(len(y), IN_CHANNELS, seed, "cpu")
+    for w in scales:
+        samples = torch.cat([
+            generate(model, y[i : i + batch_size].to(device), w,
+                     noise[i : i + batch_size].to(device), steps, solver, ctx).cpu()
+            for i in range(0, len(y), batch_size)
+        ])  # fmt: skip
+        rows.append({"w": w, **fidelity(classifier, samples, y, device)})
+    return rows
+
+
+def format_table(rows):
+    lines = [f"{'w':>6} {'accuracy':>9} {'confidence':>11} {'diversity':>10}"]
+    for r in rows:
+        w = r["w"] if isinstance(r["w"], str) else f"{r['w']:g}"
+        lines.append(f"{w:>6} {r['accuracy']:9.3f} {r['confidence']:11.3f} {r['diversity']:10.2f}")
+    return "\n".join(lines)
+
+
+def save_eval(rows, csv_path, png_path):
+    """The table as CSV, and accuracy / diversity against w (real digits as dashed lines)."""
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["w", "accuracy", "confidence", "diversity"])
+        writer.writeheader()
+        writer.writerows(rows)
+    plt = get_pyplot()
+    real, rows = rows[0], rows[1:]
+    ws = [r["w"] for r in rows]
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4))
+    ax0.plot(ws, [r["accuracy"] for r in rows], "o-", label="classified as requested digit")
+    ax0.plot(ws, [r["confidence"] for r in rows], "s:", label="mean p(requested digit)")
+    ax0.axhline(real["accuracy"], ls="--", c="k", label="real digits (accuracy)")
+    ax0.set(xlabel="guidance scale w", ylabel="fraction / probability", ylim=(0, 1.02),
+            title="Class fidelity vs guidance")  # fmt: skip
+    ax1.plot(ws, [r["diversity"] for r in rows], "o-", label="generated")
+    ax1.axhline(real["diversity"], ls="--", c="k", label="real digits")
+    ax1.set(xlabel="guidance scale w", ylabel="mean pairwise L2 within a class",
+            title="Diversity vs guidance")  # fmt: skip
+    ax0.legend()
+    ax1.legend()
+    fig.savefig(png_path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+def run_eval(model, images, labels, dataset, out_dir, scales, per_class, steps, solver, ctx, seed,
+             classifier_epochs, device="cpu"):  # fmt: skip
+    """--eval: classifier (cached), the fidelity table on stdout, eval.csv and eval.png."""
+    classifier = get_classifier(os.path.join(out_dir, "classifier.pt"), images, labels, dataset,
+                                device, classifier_epochs, seed)  # fmt: skip
+    t0 = time.time()
+    rows = evaluate_fidelity(model, classifier, images, labels, scales, per_class, steps, solver,
+                             ctx, seed, device)  # fmt: skip
+    print(f"class fidelity: {per_class} samples per class and w, {solver} {steps} steps, "
+          f"{time.time() - t0:.0f} s")  # fmt: skip
+    print(format_table(rows))
+    save_eval(rows, os.path.join(out_dir, "eval.csv"), os.path.join(out_dir, "eval.png"))
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Benchmark
+
+
+def benchmark(args, device):
+    """Time the training step (forward, backward, clip, AdamW, EMA) and CFG sampling
+    (--bench-samples images, --sample-steps steps of --solver) of the configuration the flags
+    select ("fast": --dtype, --compile) against the plain one (fp32, eager), on random inputs of
+    the training shape. The variants alternate three times; the table shows medians. FLOPs:
+    torch.utils.flop_counter. The first --bench-steps steps also compare the two variants'
+    losses. Training-step times average --bench-steps back-to-back steps, so that the CPU can
+    queue work ahead of the GPU as in training."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cuda = device.type == "cuda"
+    fast = (resolve_dtype(args.dtype, device), args.compile)
+    variants = {"fast": fast, "plain": (torch.float32, False)}
+    B, n_samples = args.batch_size, args.bench_samples
+    x0 = torch.randn(B, IN_CHANNELS, IMAGE_SIZE, IMAGE_SIZE, device=device).clamp(-1, 1)
+    y = torch.randint(0, NUM_CLASSES, (B,), device=device)
+    noise = torch.randn(n_samples, IN_CHANNELS, IMAGE_SIZE, IMAGE_SIZE, device=device)
+    labels = torch.arange(n_samples, device=device) % NUM_CLASSES
+    loss_fn = partial(flow_loss, p_uncond=args.p_uncond, t_sampling=args.t_sampling)
+
+    def setup(dtype, compiled):
+        """The two timed closures (one training step, one sampling run) of a variant."""
+        torch.manual_seed(args.seed)  # same initial weights in every variant
+        model = build_model(args).to(device)
+        ema = copy.deepcopy(model).requires_grad_(False).eval()
+        optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        ctx = autocast_context(device, dtype)
+        train_model = torch.compile(model) if compiled else model
+        sample_model = torch.compile(ema) if compiled else ema
+        step = partial(train_step, train_model, ema, optimizer, scheduler, scaler, ctx, x0, y,
+                       args.ema_decay, args.grad_clip, loss_fn)  # fmt: skip
+        sample = partial(generate, sample_model, labels, args.guidance_scale, noise,
+                         args.sample_steps, args.solver, ctx)  # fmt: skip
+        return step, sample
+
+    def timed(fn, repeat=1):
+        """Seconds per call of fn, over `repeat` back-to-back calls (CUDA events on a GPU)."""
+        if not cuda:
+            t0 = time.perf_counter()
+            for _ in range(repeat):
+                fn()
+            return (time.perf_counter() - t0) / repeat
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeat):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / repeat
+
+    runs, losses = {}, {}
+    times = {name: {"train": [], "sample": [], "peak": 0.0} for name in variants}
+    for name, (dtype, compiled) in variants.items():
+        set_matmul_precision(dtype)
+        runs[name] = step, sample = setup(dtype, compiled)
+        # Warm-up (compilation) and numerics check in one: the first steps of each variant with
+        # the same random draws (seeded per step) on the same batch.
+        t0 = time.perf_counter()
+        losses[name] = []
+        for i in range(args.bench_steps):
+            torch.manual_seed(i)
+            losses[name].append(step().item())
+        sample()
+        times[name]["warmup"] = time.perf_counter() - t0
+    with FlopCounterMode(display=False) as counter:
+        runs["plain"][0]()
+    train_flops = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        runs["plain"][1]()
+    sample_flops = counter.get_total_flops()
+
+    for _ in range(3):  # alternate, so that clock or thermal drift hits both variants alike
+        for name, (dtype, _) in variants.items():
+            set_matmul_precision(dtype)
+            step, sample = runs[name]
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            times[name]["train"].append(timed(step, args.bench_steps))
+            times[name]["sample"].append(timed(sample))
+            if cuda:
+                peak = torch.cuda.max_memory_allocated(device) / 2**30
+                times[name]["peak"] = max(times[name]["peak"], peak)
+
+    hw = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(
+        f"\n{SCRIPT} --bench on {hw}, torch {torch.__version__}, "
+        f"{sum(p.numel() for p in build_model(args).parameters()) / 1e6:.2f}M parameters, "
+        f"train batch {B}, CFG sampling of {n_samples} images x {args.sample_steps} "
+        f"{args.solver} steps"
+    )
+    print(f"fast = {fast[0]}, compile={fast[1]}; plain = fp32 eager")
+    header = (
+        "variant  train ms/step  train img/s  train TFLOP/s  sample s  sample img/s"
+        "  sample TFLOP/s  peak GiB  warm-up s"
+    )
+    print(header + "\n" + "-" * len(header))
+    throughput = {}
+    for name, t in times.items():
+        step_s, sample_s = statistics.median(t["train"]), statistics.median(t["sample"])
+        throughput[name] = (B / step_s, n_samples / sample_s)
+        peak = f"{t['peak']:.2f}" if cuda else "-"
+        print(
+            f"{name:8} {1e3 * step_s:13.1f} {B / step_s:12.1f} "
+            f"{train_flops / step_s / 1e12:14.3g} {sample_s:9.3g} {n_samples / sample_s:13.1f} "
+            f"{sample_flops / sample_s / 1e12:15.3g} {peak:>9} {t['warmup']:10.1f}"
+        )
+    train_x, sample_x = (throughput["fast"][i] / throughput["plain"][i] for i in (0, 1))
+    print(f"speed-up fast / plain: training {train_x:.2f}x, sampling {sample_x:.2f}x")
+    gaps = [abs(f - p) / p for f, p in zip(losses["fast"], losses["plain"])]
+    print(
+        f"loss, fast vs plain, over the first {len(gaps)} steps (same weights, batch and random "
+        f"draws): mean relative difference {statistics.mean(gaps):.2e}, max {max(gaps):.2e}"
+    )
+    return times, losses
+
+
+# -----------------------------------------------------------------------------
+# Main
+
+
+def build_model(args):
+    return DiT(
+        patch_size=args.patch_size,
+        width=args.width,
+        depth=args.depth,
+        heads=args.heads,
+        mlp_ratio=args.mlp_ratio,
+        cond_dim=args.cond_dim,
+    )
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, world_size, device = setup_distributed(args.device)
+    master = rank == 0  # only rank 0 prints, shows progress bars and writes files
+    dtype = resolve_dtype(args.dtype, device)
+    set_matmul_precision(dtype)
+    if args.bench:
+        return benchmark(args, device)
+    ctx = autocast_context(device, dtype)
+    torch.manual_seed(args.seed + rank)
+    os.makedirs(args.out_dir, exist_ok=True)
+    ckpt_path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
+    sample_kw = {"steps": args.sample_steps, "solver": args.solver, "ctx": ctx, "seed": args.seed,
+                 "device": device}  # fmt: skip
+
+    model = build_model(args).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()  # the weights we sample with
+    if master:
+        print(f"DiT with {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"{device}, {dtype}, {world_size} process(es)")  # fmt: skip
+    if args.sample_only or args.eval:
+        ckpt = load_checkpoint(ckpt_path, args)
+        ema.load_state_dict(ckpt["ema"])
+        if master:
+            print(f"loaded {ckpt_path}: step {ckpt['step']}")
+        if master and args.sample_only:
+            run_experiments(ema, ckpt["losses"], args.out_dir, args.guidance_scale, args.digit,
+                            **sample_kw)  # fmt: skip
+            print(f"figures written to {args.out_dir}")
+        if master and args.eval:
+            images, labels = load_dataset(args.dataset, args.data_dir, args.synthetic_size,
+                                          args.seed)  # fmt: skip
+            run_eval(ema, images, labels, args.dataset, args.out_dir, args.eval_scales,
+                     args.eval_per_class, classifier_epochs=args.classifier_epochs,
+                     **sample_kw)  # fmt: skip
+        return ema
+
+    if world_size > 1 and rank > 0:
+        dist.barrier()  # rank 0 downloads the dataset first, the others then read it
+    images, labels = load_dataset(args.dataset, args.data_dir, args.synthetic_size, args.seed)
+    if world_size > 1 and rank == 0:
+        dist.barrier()
+    images, labels = images.to(device), labels.to(device)  # all of MNIST: 47 MB on the GPU
+    rank_batch = args.batch_size // world_size
+    steps_per_epoch = math.ceil(len(images) // world_size / rank_batch)
+    total_steps = args.epochs * steps_per_epoch
+    max_steps = min(total_steps, args.max_steps or total_steps)
+
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
+    lr_lambda = partial(warmup_cosine, warmup_steps=args.warmup_steps, total_steps=total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only
+    step, losses, saved_step = 0, [], None
+    if args.resume:
+        ckpt = load_checkpoint(ckpt_path, args)
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt["scaler"]:  # empty unless the run used --dtype fp16
+            scaler.load_state_dict(ckpt["scaler"])
+        step, losses, saved_step = ckpt["step"], ckpt["losses"], ckpt["step"]
+        if len(ckpt["rng"]) == world_size:  # exact continuation needs the same number of ranks
+            set_rng_state(ckpt["rng"][rank], device)
+        if master:
+            print(f"resumed from {ckpt_path} at step {step}")
+    train_model = torch.compile(model) if args.compile else model
+    if world_size > 1:
+        train_model = DistributedDataParallel(train_model)
+    loss_fn = partial(flow_loss, p_uncond=args.p_uncond, t_sampling=args.t_sampling)
+    step_fn = partial(train_step, train_model, ema, optimizer, scheduler, scaler, ctx)
+
+    def save():
+        rng = [rng_state(device)]
+        if world_size > 1:  # every rank's random state, so that a resume continues each stream
+            rng = [None] * world_size
+            dist.all_gather_object(rng, rng_state(device))
+        if master:
+            save_checkpoint({
+                "script": SCRIPT, "args": vars(args), "step": step, "epoch": epoch,
+                "model": model.state_dict(), "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "rng": rng, "losses": losses,
+            }, ckpt_path)  # fmt: skip
+
+    stop_signal, stopped = StopSignal(), False
+    try:
+        for epoch in range(step // steps_per_epoch, args.epochs):
+            if step >= max_steps or stopped:
+                break
+            batches = epoch_batches(len(images), rank_batch, epoch, args.seed, rank, world_size,
+                                    device)[step - epoch * steps_per_epoch :]  # fmt: skip
+            bar = tqdm(batches, f"epoch {epoch + 1}/{args.epochs}", disable=not master, leave=False)
+            window, epoch_losses, t0 = [], [], time.perf_counter()
+            for i, idx in enumerate(bar):
+                x0, y = to_model_range(images[idx]), labels[idx]
+                ema_decay = ema_decay_at(step, args.ema_decay)
+                window.append(step_fn(x0, y, ema_decay, args.grad_clip, loss_fn))
+                step += 1
+                last = i == len(batches) - 1 or step >= max_steps
+                # Check the losses every --log-every steps (one GPU sync). A single process also
+                # reacts to Ctrl-C at once; DDP ranks agree on stopping at these checks only.
+                if (
+                    step % args.log_every
+                    and not last
+                    and (world_size > 1 or not stop_signal.requested)
+                ):
+                    continue
+                window_losses = torch.stack(window).float()
+                stop_flag = torch.tensor(stop_signal.requested, device=device)
+                flags = torch.stack([~window_losses.isfinite().all(), stop_flag]).float()
+                if world_size > 1:
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # so that all ranks stop together
+                nonfinite, stopped = flags.tolist()
+                if nonfinite:
+                    bad = (~window_losses.isfinite()).nonzero()  # empty if another rank had it
+                    bad_step = step - len(window) + 1 + (bad[0].item() if len(bad) else 0)
+                    kept = (
+                        f"{ckpt_path} still holds step {saved_step}"
+                        if saved_step
+                        else "no checkpoint written"
+                    )
+                    fail(f"loss became non-finite at step {bad_step}; stopped without saving "
+                         f"({kept}). Try a lower --lr, or --dtype fp32", code=1)  # fmt: skip
+                losses += window_losses.tolist()
+                epoch_losses += window_losses.tolist()
+                window = []
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                if stopped or step >= max_steps:
+                    break
+            bar.close()
+            if master:
+                dt, n = time.perf_counter() - t0, len(epoch_losses)
+                loss, lr = sum(epoch_losses) / n, scheduler.get_last_lr()[0]
+                ms, img_s = 1e3 * dt / n, n * args.batch_size / dt
+                tqdm.write(f"epoch {epoch + 1:3d} | step {step:7d} | loss {loss:.4f} | lr {lr:.2e} "
+                           f"| {ms:6.1f} ms/step | {img_s:7.0f} img/s")  # fmt: skip
+            epoch_done = step == (epoch + 1) * steps_per_epoch
+            if stopped or step >= max_steps or (epoch_done and (epoch + 1) % args.save_every == 0):
+                save()
+                saved_step = step
+            if master and epoch_done and (epoch + 1) % args.sample_every == 0:
+                path = os.path.join(args.out_dir, f"samples_epoch{epoch + 1:03d}.png")
+                plot_class_grid(ema, path, args.guidance_scale, **sample_kw)
+    finally:
+        stop_signal.restore()
+
+    if master:
+        if stopped:
+            save_loss_curve(losses, os.path.join(args.out_dir, "loss.png"), "Flow matching loss")
+            print(f"interrupted at step {step}: saved {ckpt_path}; continue with --resume")
+        else:
+            print(f"done: {step} steps, checkpoint {ckpt_path}")
+            run_experiments(ema, losses, args.out_dir, args.guidance_scale, args.digit, **sample_kw)
+    if world_size > 1:
+        dist.destroy_process_group()
+    return model
+
+
+if __name__ == "__main__":
+    main()
