@@ -416,8 +416,13 @@ def q_sample(alphas_cumprod, x0, t, noise):
 
 
 def norm_groups(channels):
-    """32 groups as in DDPM/ADM; fewer when the width is not a multiple of 32 (tiny test models)."""
-    return math.gcd(32, channels)
+    """32 groups as in DDPM/ADM, fewer in narrow layers so that every group keeps at least 4
+    channels: a group of one channel would normalise away each image's mean per channel (its
+    colour and brightness)."""
+    groups = 32
+    while groups > 1 and (channels % groups or channels // groups < 4):
+        groups //= 2
+    return groups
 
 
 def timestep_embedding(t, dim, max_period=10000):
@@ -800,7 +805,7 @@ def plot_guidance_sweep(model, sample, names, path, scales, seed):
     labels = torch.arange(NUM_CLASSES, device=model.class_emb.weight.device)
     noise = fixed_noise(NUM_CLASSES, model.stem.in_channels, labels.device, seed)
     rows = [sample(model, model.class_emb(labels), noise, w, seed=seed) for w in scales]
-    title = "Guidance sweep: same noise in each column; w=0 unconditional, w=1 conditional"
+    title = "Guidance sweep: same noise in each column; w=1 is the plain conditional model"
     row_labels = [f"w={w:g}" for w in scales]
     save_image_grid(torch.cat(rows), path, len(scales), title, list(names), row_labels)
 
