@@ -21,11 +21,14 @@ Papers:
   Heun ODE sampler   Karras et al. 2022 (EDM)    https://arxiv.org/abs/2206.00364
 
 Commands:
-  python flow_dit_mnist_cfg.py                       # train on MNIST (30 epochs), then figures
-  python flow_dit_mnist_cfg.py --sample-only         # figures again from out/flow_dit_mnist
-  python flow_dit_mnist_cfg.py --eval                # class-fidelity table from that checkpoint
-  offline CPU smoke run (no download, a few minutes on 2 cores):
+  python flow_dit_mnist_cfg.py                      # MNIST on one GPU (30 epochs), then figures
+  torchrun --standalone --nproc_per_node=4 flow_dit_mnist_cfg.py   # the same on 4 GPUs
+  python flow_dit_mnist_cfg.py --resume             # continue from out/flow_dit_mnist/ckpt.pt
+  python flow_dit_mnist_cfg.py --sample-only        # figures again from that checkpoint
+  python flow_dit_mnist_cfg.py --eval               # class-fidelity table from that checkpoint
+  python flow_dit_mnist_cfg.py --bench --compile    # speed table: fast vs plain path
   python flow_dit_mnist_cfg.py --dataset synthetic --width 64 --depth 2 --epochs 2 --device cpu
+                                                    # offline CPU smoke run, a few minutes
 
 Outputs (in --out-dir): ckpt.pt, loss.png, samples_epochNNN.png previews, and the experiments
 class_grid.png, cfg_scales.png, uncond_cond_cfg.png, class_embeddings.png; --eval adds
