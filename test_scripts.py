@@ -465,6 +465,60 @@ def test_flow_epoch_batches_cover_every_index_once():
 
 
 # -----------------------------------------------------------------------------
+# Real datasets, with torchvision's classes replaced by fakes (the tests never download)
+
+
+class FakeCIFAR10:
+    def __init__(self, root, train, download):
+        g = torch.Generator().manual_seed(0)  # the same images in every instance
+        self.data = torch.randint(0, 256, (6, 32, 32, 3), generator=g, dtype=torch.uint8).numpy()
+        self.targets = [0, 1, 2, 3, 4, 5]
+
+
+class FakeMNIST:
+    def __init__(self, root, train, download):
+        self.data = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
+        self.targets = torch.tensor([9, 8, 7, 6, 5])
+
+
+class OfflineDataset:
+    def __init__(self, root, train, download):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+
+def test_real_dataset_loaders_give_uint8_nchw(monkeypatch):
+    import torchvision
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    monkeypatch.setattr(torchvision.datasets, "MNIST", FakeMNIST)
+    images, labels = ddpm.load_dataset("cifar10", "data", 0, 0)
+    raw = FakeCIFAR10("data", True, True)
+    assert images.shape == (6, 3, 32, 32) and images.dtype == torch.uint8
+    assert torch.equal(images[2, 1], torch.from_numpy(raw.data[2, :, :, 1]))
+    assert labels.tolist() == raw.targets
+    images, labels = ddpm.load_dataset("mnist", "data", 0, 0)
+    assert images.shape == (5, 1, 32, 32) and labels.tolist() == [9, 8, 7, 6, 5]
+    assert images[:, :, :2].eq(0).all() and images[:, :, 30:].eq(0).all(), "padded 28 -> 32"
+    images, labels = flow.load_dataset("mnist", "data", 0, 0)
+    assert images.shape == (5, 1, 28, 28) and images.dtype == torch.uint8
+
+
+@pytest.mark.parametrize(
+    "name,dataset", [("ddpm_cifar_cfg", "cifar10"), ("flow_dit_mnist_cfg", "mnist")]
+)
+def test_failed_download_exits_1_with_one_line(name, dataset, monkeypatch, capsys):
+    import torchvision
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", OfflineDataset)
+    monkeypatch.setattr(torchvision.datasets, "MNIST", OfflineDataset)
+    with pytest.raises(SystemExit) as exit_info:
+        MODULES[name].load_dataset(dataset, "nowhere", 0, 0)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.count("\n") == 1, err
+    assert "pass --data-dir, or run offline with --dataset synthetic" in err
+
+
+# -----------------------------------------------------------------------------
 # Robustness, shared by the image scripts: resume, crash safety, interrupts, bad input
 
 
