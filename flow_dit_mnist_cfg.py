@@ -167,6 +167,8 @@ def get_args(argv=None):
                    help="ODE solver; Heun is 2nd order and costs two model calls per step")
     g.add_argument("--digit", type=int, choices=range(NUM_CLASSES), default=7, metavar="0..9",
                    help="digit shown in the CFG-scale comparison")
+    g.add_argument("--grid-rows", type=positive_int, default=8,
+                   help="samples per digit in class_grid.png and per w in cfg_scales.png")
     g.add_argument("--sample-only", action="store_true",
                    help="no training: load --ckpt and make the figures")
     g.add_argument("--ckpt", default=None,
@@ -849,12 +851,13 @@ def plot_class_embeddings(model, path):
     plt.close(fig)
 
 
-def run_experiments(model, losses, out_dir, w, digit, steps, solver, ctx, seed, device="cpu"):
+def run_experiments(model, losses, out_dir, w, digit, per_class, steps, solver, ctx, seed,
+                    device="cpu"):  # fmt: skip
     """All figures of the lesson from a trained (EMA) model, no training needed."""
     model.eval()
     kw = {"steps": steps, "solver": solver, "ctx": ctx, "seed": seed, "device": device}
-    plot_class_grid(model, os.path.join(out_dir, "class_grid.png"), w, **kw)
-    plot_cfg_scales(model, os.path.join(out_dir, "cfg_scales.png"), digit, **kw)
+    plot_class_grid(model, os.path.join(out_dir, "class_grid.png"), w, per_class=per_class, **kw)
+    plot_cfg_scales(model, os.path.join(out_dir, "cfg_scales.png"), digit, n=per_class, **kw)
     plot_uncond_cond_cfg(model, os.path.join(out_dir, "uncond_cond_cfg.png"), w, **kw)
     plot_class_embeddings(model, os.path.join(out_dir, "class_embeddings.png"))
     if losses:
@@ -1186,6 +1189,7 @@ def main(argv=None):
             print(f"loaded {ckpt_path}: step {ckpt['step']}")
         if master and args.sample_only:
             run_experiments(ema, ckpt["losses"], args.out_dir, args.guidance_scale, args.digit,
+                            args.grid_rows,
                             **sample_kw)  # fmt: skip
             print(f"figures written to {args.out_dir}")
         if master and args.eval:
@@ -1302,7 +1306,7 @@ def main(argv=None):
                 saved_step = step
             if master and epoch_done and (epoch + 1) % args.sample_every == 0:
                 path = os.path.join(args.out_dir, f"samples_epoch{epoch + 1:03d}.png")
-                plot_class_grid(ema, path, args.guidance_scale, **sample_kw)
+                plot_class_grid(ema, path, args.guidance_scale, per_class=4, **sample_kw)
     finally:
         stop_signal.restore()
 
@@ -1312,7 +1316,8 @@ def main(argv=None):
             print(f"interrupted at step {step}: saved {ckpt_path}; continue with --resume")
         else:
             print(f"done: {step} steps, checkpoint {ckpt_path}")
-            run_experiments(ema, losses, args.out_dir, args.guidance_scale, args.digit, **sample_kw)
+            run_experiments(ema, losses, args.out_dir, args.guidance_scale, args.digit,
+                            args.grid_rows, **sample_kw)  # fmt: skip
     if world_size > 1:
         dist.destroy_process_group()
     return model
