@@ -25,7 +25,9 @@ Commands:
 Outputs (in --out-dir): ckpt.pt, loss.png, samples_epochNNN.png previews, and the experiments
 class_grid.png, guidance_sweep.png, interpolation.png, ema_vs_raw.png.
 
-Measured results (hardware, time, commands) are in README.md; only measured figures go there.
+Measured so far (README.md has the commands): a 0.19M-parameter CPU sanity run on the synthetic
+data, 1,500 steps in 16 minutes on a shared 2-core CPU, draws each class in its colour, and CFG
+visibly sharpens colour and shape. GPU figures (CIFAR-10 quality, epoch time) are not measured yet.
 
 Left out on purpose: FID evaluation, learned variances (Improved DDPM), v-prediction, EDM-style
 preconditioning, latent diffusion. Each would hide the lesson under machinery.

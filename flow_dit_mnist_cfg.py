@@ -34,7 +34,10 @@ Outputs (in --out-dir): ckpt.pt, loss.png, samples_epochNNN.png previews, and th
 class_grid.png, cfg_scales.png, uncond_cond_cfg.png, class_embeddings.png; --eval adds
 classifier.pt, eval.csv and eval.png.
 
-Measured results (hardware, time, commands) are in README.md; only measured figures go there.
+Measured so far (README.md has the commands): on the 5k-digit MNIST subset, a 0.47M-parameter
+model trained for 8 minutes on a shared 2-core CPU is classified as the requested digit 10% of
+the time at w=0 (chance), 18% at w=1 and 35% at w=4, while within-class diversity falls. GPU
+figures (full MNIST, the default 16M-parameter model) are not measured yet.
 
 Left out on purpose: latent space / VAE (28x28 pixels are cheap), FID (the classifier table
 measures what this lesson is about), learned sigma, timestep shifting, adaptive ODE solvers,
