@@ -20,7 +20,8 @@ Commands:
   python ddpm_cifar_cfg.py --resume                           # continue from out/ddpm_cifar/ckpt.pt
   python ddpm_cifar_cfg.py --sample-only                      # experiments from that checkpoint
   python ddpm_cifar_cfg.py --bench --compile                  # speed table: fast vs plain path
-  python ddpm_cifar_cfg.py --dataset synthetic --base-ch 32 --epochs 3 --device cpu  # CPU smoke
+  python ddpm_cifar_cfg.py --dataset synthetic --base-ch 32 --batch-size 32 --max-steps 100 \
+      --sample-steps 20 --device cpu                         # offline CPU smoke run
 
 Outputs (in --out-dir): ckpt.pt, loss.png, samples_epochNNN.png previews, and the experiments
 class_grid.png, guidance_sweep.png, interpolation.png, ema_vs_raw.png.
