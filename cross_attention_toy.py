@@ -1362,7 +1362,7 @@ def main(argv=None):
             "losses": losses,
         }, ckpt_path)  # fmt: skip
 
-    stop_signal, stopped, window = StopSignal(), False, []
+    stop_signal, stopped, window, logged_step = StopSignal(), False, [], step
     bar = tqdm(total=args.max_steps, initial=step, desc="train", dynamic_ncols=True, leave=False)
     t_start = t_log = time.perf_counter()
     try:
@@ -1376,7 +1376,8 @@ def main(argv=None):
             bar.update()
             stopped, last = stop_signal.requested, step == args.max_steps
             log, save_now = step % args.log_every == 0 or last, step % args.save_every == 0
-            if not (log or save_now or stopped):
+            evaluate = args.eval_every and step % args.eval_every == 0 and not (last or stopped)
+            if not (log or save_now or stopped or evaluate):
                 continue
             # Check the losses since the last check (one device sync), before anything is saved.
             window_losses = torch.stack(window).float().cpu()
@@ -1394,7 +1395,7 @@ def main(argv=None):
             lr = scheduler.get_last_lr()[0]
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
             if log:
-                n = step % args.log_every or args.log_every  # steps since the last log line
+                n, logged_step = step - logged_step, step  # steps since the last log line
                 dt = (time.perf_counter() - t_log) / n
                 tqdm.write(f"step {step:5d} | loss {statistics.mean(losses[-n:]):.4f} | "
                            f"lr {lr:.2e} | {1e3 * dt:5.0f} ms/step | "
@@ -1404,7 +1405,7 @@ def main(argv=None):
             if save_now or last or stopped:
                 save()
                 saved_step = step
-            if args.eval_every and step % args.eval_every == 0 and not (last or stopped):
+            if evaluate:
                 images = generate(ema, sample, IN_DIST_PROMPTS, 1, args.guidance_scale, args.seed)
                 tqdm.write(f"step {step:5d} | in-distribution fidelity "
                            f"{100 * fidelity(images, IN_DIST_PROMPTS, 1):.0f}% "
