@@ -31,10 +31,11 @@ Commands:
 Outputs (in --out-dir): ckpt.pt, loss.png, fidelity.json, samples.png (captions as titles),
 guidance_sweep.png, attention_maps.png, and prompt.png for --prompt.
 
-Measured (README.md has the command and the whole table): the default flags on a 2-core x86 CPU
-train 1000 steps in 366 s (7 minutes with the experiments), seed 0. Prompt fidelity at the
-default w = 3: 100% on the 16 in-distribution prompts (64 images) and 81.2% on the 8 prompts with
-held-out colour-shape pairs (32 images); at w = 0 (unconditional) 0% for both. GPU: not measured.
+Measured (README.md has the commands and the whole table): the default flags on a 2-core x86 CPU
+train 1000 steps in 315-366 s (6-7 minutes with the experiments; seeds 0 and 1). Prompt fidelity
+at the default w = 3: 100% on the 16 in-distribution prompts (64 images) and 78.1-81.2% on the 8
+prompts with held-out colour-shape pairs (32 images); at w = 0 (unconditional) 0% for both. GPU:
+not measured.
 
 Left out on purpose: a pretrained frozen text encoder (CLIP / T5), latent space (VAE), learned
 variances, v-prediction, and multi-GPU training (16x16 images train in minutes on one device).
