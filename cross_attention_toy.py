@@ -53,7 +53,7 @@ import statistics
 import sys
 import textwrap
 import time
-from functools import partial
+from functools import cache, partial
 
 import torch
 import torch.nn as nn
@@ -946,6 +946,18 @@ def read_image(image):
     return dist.argmin(0)
 
 
+@cache
+def shape_templates(image_size):
+    """Every shape at every jitter offset inside one quadrant cell, as the renderer draws them:
+    (len(SHAPES), offsets, cell, cell) bool. Built once per image size; read-only."""
+    cell, size = image_size // 2, shape_size(image_size)
+    offsets = torch.tensor(list(jitter_offsets(image_size)))
+    dy, dx = torch.meshgrid(offsets, offsets, indexing="ij")
+    dy, dx = dy.flatten(), dx.flatten()  # (O,)
+    masks = [shape_masks(torch.full_like(dy, s), dy, dx, size, cell) for s in range(len(SHAPES))]
+    return torch.stack(masks)  # (S, O, cell, cell)
+
+
 def check_image(image, scene):
     """Does the image match the scene? Reads the pixels, knowing only the renderer's geometry.
 
@@ -954,15 +966,8 @@ def check_image(image, scene):
     named shape. Quadrants the caption does not mention must be (nearly) empty.
     """
     labels = read_image(image)
-    image_size = labels.shape[-1]
-    cell, size = image_size // 2, shape_size(image_size)
-    offsets = torch.tensor(list(jitter_offsets(image_size)))
-    dy, dx = torch.meshgrid(offsets, offsets, indexing="ij")
-    dy, dx = dy.flatten(), dx.flatten()  # (O,)
-    # every shape at every offset inside one cell: (S, O, cell, cell)
-    templates = torch.stack(
-        [shape_masks(torch.full_like(dy, s), dy, dx, size, cell) for s in range(len(SHAPES))]
-    )
+    cell = labels.shape[-1] // 2
+    templates = shape_templates(labels.shape[-1])  # (S, O, cell, cell)
     named = {pos: (colour, shape) for colour, shape, pos in scene}
     for pos, (row, col) in POSITIONS.items():
         ys, xs = slice(row * cell, (row + 1) * cell), slice(col * cell, (col + 1) * cell)
