@@ -42,6 +42,7 @@ import os
 import signal
 import statistics
 import sys
+import tempfile
 import time
 from functools import partial
 
@@ -102,6 +103,7 @@ nonnegative_int = checked(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = checked(float, lambda v: 0 < v < math.inf, "a positive number")
 nonnegative_float = checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
 probability = checked(float, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
+unit_float = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 int_list = checked(
     partial(split, convert=int), lambda v: min(v) > 0, "positive integers like 1,2,2"
 )
@@ -170,8 +172,8 @@ def get_args(argv=None):
     g.add_argument("--guidance-scale", type=nonnegative_float, default=4.0,
                    help="CFG scale w: 0 unconditional, 1 conditional, >1 guided")
     g.add_argument("--sample-steps", type=positive_int, default=50, help="DDIM steps")
-    g.add_argument("--eta", type=nonnegative_float, default=0.0,
-                   help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    g.add_argument("--eta", type=unit_float, default=0.0,
+                   help="DDIM noise in [0, 1]: 0 deterministic, 1 DDPM-like")
     g.add_argument("--guidance-scales", type=float_list, default=[1, 2, 4, 6, 8, 10],
                    help="scales w for guidance_sweep.png")
     g.add_argument("--interp-pairs", type=class_pairs, default=[(3, 5), (0, 8), (1, 9), (2, 0)],
@@ -274,6 +276,34 @@ def set_matmul_precision(dtype):
     torch.set_float32_matmul_precision("highest" if dtype == torch.float32 else "high")
 
 
+def check_output_paths(out_dir, ckpt_path, writes_ckpt):
+    """Fail now, with one line, if the figures or the checkpoint could not be written later: an
+    --out-dir that is a file or read-only, or a --ckpt in a folder that does not exist."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        fail(f"--out-dir {out_dir} is a file, not a folder")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create --out-dir {out_dir} ({e.strerror})")
+    folders = [out_dir]
+    if writes_ckpt:
+        folders.append(os.path.dirname(ckpt_path) or ".")
+        if not os.path.isdir(folders[-1]):
+            fail(f"--ckpt {ckpt_path}: the folder {folders[-1]} does not exist")
+    for folder in folders:
+        try:
+            with tempfile.TemporaryFile(dir=folder):  # a probe: can we create files there?
+                pass
+        except OSError as e:
+            fail(f"cannot write to {folder} ({e.strerror})")
+
+
+def seed_step(seed, rank, step):
+    """Seed the draws of one training step (t, noise, label dropout, flips, dropout masks) from
+    (seed, rank, step) alone: a resumed run continues exactly, with no random state to save."""
+    torch.manual_seed(hash((seed, rank, step)))
+
+
 def setup_distributed(device_name):
     """DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python` is one process.
     Returns (rank, world_size, device)."""
@@ -332,19 +362,6 @@ def load_checkpoint(path, args):
                 f"{path} was trained with {flag} {value}, this run has {ours}; pass {flag} {value}"
             )
     return ckpt
-
-
-def rng_state(device):
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def save_image_grid(images, path, nrow, title, col_labels=None, row_labels=None):
@@ -813,15 +830,20 @@ def plot_guidance_sweep(model, sample, names, path, scales, seed):
     save_image_grid(torch.cat(rows), path, len(scales), title, list(names), row_labels)
 
 
-def plot_interpolation(model, sample, names, path, pairs, w, seed, num_mixes=8):
-    """Walk the class embedding linearly from class a to class b, with one fixed noise image:
-    the conditioning vectors in between are ones the model never saw in training."""
+def interpolate_classes(model, sample, a, b, w, seed, num_mixes=8):
+    """Samples (num_mixes, C, H, W) along the straight line from class a's embedding to class b's,
+    all from one fixed noise image: the conditioning vectors in between were never trained."""
     emb = model.class_emb.weight  # (11, cond_dim)
     mix = torch.linspace(0, 1, num_mixes, device=emb.device)[:, None]  # (M, 1)
     noise = fixed_noise(1, model.stem.in_channels, emb.device, seed).expand(num_mixes, -1, -1, -1)
-    rows = [sample(model, (1 - mix) * emb[a] + mix * emb[b], noise, w, seed=seed) for a, b in pairs]
+    return sample(model, (1 - mix) * emb[a] + mix * emb[b], noise, w, seed=seed)
+
+
+def plot_interpolation(model, sample, names, path, pairs, w, seed, num_mixes=8):
+    """One row per class pair a -> b: interpolate_classes with the same noise in every row."""
+    rows = [interpolate_classes(model, sample, a, b, w, seed, num_mixes) for a, b in pairs]
     title = f"Class-embedding interpolation (w={w:g}, one fixed noise)"
-    col_labels = [f"{m:.2f}" for m in mix.squeeze(1).tolist()]
+    col_labels = [f"{m:.2f}" for m in torch.linspace(0, 1, num_mixes).tolist()]
     row_labels = [f"{names[a]} -> {names[b]}" for a, b in pairs]
     save_image_grid(torch.cat(rows), path, len(pairs), title, col_labels, row_labels)
 
@@ -983,16 +1005,18 @@ def main(argv=None):
     if args.bench:
         return benchmark(args, device)
     ctx = autocast_context(device, dtype)
-    torch.manual_seed(args.seed + rank)
-    os.makedirs(args.out_dir, exist_ok=True)
     ckpt_path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
+    check_output_paths(args.out_dir, ckpt_path, writes_ckpt=not args.sample_only)
     alphas_cumprod = make_alphas_cumprod(args.schedule, args.timesteps).to(device)
     sample = partial(ddim_sample, alphas_cumprod=alphas_cumprod, steps=args.sample_steps,
                      eta=args.eta, ctx=ctx)  # fmt: skip
 
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    torch.manual_seed(args.seed)  # the same initial weights, and so the same EMA, on every rank
     model = build_model(args).to(device, memory_format=memory_format)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
+    # --compile: one compiled copy for training, one of the EMA for all sampling (same weights)
+    sampler = torch.compile(ema) if args.compile else ema
     if master:
         print(
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {device}, "
@@ -1003,7 +1027,7 @@ def main(argv=None):
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         if master:
-            run_experiments(model, ema, sample, args)
+            run_experiments(model, sampler, sample, args)
         return model
 
     if world_size > 1 and rank > 0:
@@ -1031,8 +1055,6 @@ def main(argv=None):
         if ckpt["scaler"]:  # empty unless the run used --dtype fp16
             scaler.load_state_dict(ckpt["scaler"])
         step, losses, saved_step = ckpt["step"], ckpt["losses"], ckpt["step"]
-        if len(ckpt["rng"]) == world_size:  # exact continuation needs the same number of ranks
-            set_rng_state(ckpt["rng"][rank], device)
         if master:
             print(f"resumed from {ckpt_path} at step {step}")
     train_model = torch.compile(model) if args.compile else model
@@ -1042,16 +1064,12 @@ def main(argv=None):
     step_fn = partial(train_step, train_model, ema, optimizer, scheduler, scaler, ctx)
 
     def save():
-        rng = [rng_state(device)]
-        if world_size > 1:  # every rank's random state, so that a resume continues each stream
-            rng = [None] * world_size
-            dist.all_gather_object(rng, rng_state(device))
         if master:
             save_checkpoint({
                 "script": SCRIPT, "args": vars(args), "step": step, "epoch": epoch,
                 "model": model.state_dict(), "ema": ema.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rng, "losses": losses,
+                "scaler": scaler.state_dict(), "losses": losses,
             }, ckpt_path)  # fmt: skip
 
     stop_signal, stopped = StopSignal(), False
@@ -1064,6 +1082,7 @@ def main(argv=None):
             bar = tqdm(batches, f"epoch {epoch + 1}/{args.epochs}", disable=not master, leave=False)
             window, epoch_losses, t0 = [], [], time.perf_counter()
             for i, idx in enumerate(bar):
+                seed_step(args.seed, rank, step)
                 x0, y = get_batch(images, labels, idx, args.dataset == "cifar10", memory_format)
                 ema_decay = ema_decay_at(step, args.ema_decay)
                 window.append(step_fn(x0, y, ema_decay, args.grad_clip, loss_fn))
@@ -1114,7 +1133,8 @@ def main(argv=None):
                 path = f"{args.out_dir}/samples_epoch{epoch + 1:03d}.png"
                 title = f"EMA samples after epoch {epoch + 1} (w={args.guidance_scale:g})"
                 names = CLASS_NAMES[args.dataset]
-                plot_class_grid(ema, sample, names, path, 2, args.guidance_scale, args.seed, title)
+                plot_class_grid(sampler, sample, names, path, 2, args.guidance_scale, args.seed,
+                                title)  # fmt: skip
     finally:
         stop_signal.restore()
 
@@ -1124,7 +1144,7 @@ def main(argv=None):
             print(f"interrupted at step {step}: saved {ckpt_path}; continue with --resume")
         else:
             print(f"done: {step} steps, checkpoint {ckpt_path}")
-            run_experiments(model, ema, sample, args)
+            run_experiments(model, sampler, sample, args)
     if world_size > 1:
         dist.destroy_process_group()
     return model

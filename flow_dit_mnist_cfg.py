@@ -54,6 +54,7 @@ import pickle
 import signal
 import statistics
 import sys
+import tempfile
 import time
 from functools import partial
 
@@ -269,6 +270,34 @@ def set_matmul_precision(dtype):
     torch.set_float32_matmul_precision("highest" if dtype == torch.float32 else "high")
 
 
+def check_output_paths(out_dir, ckpt_path, writes_ckpt):
+    """Fail now, with one line, if the figures or the checkpoint could not be written later: an
+    --out-dir that is a file or read-only, or a --ckpt in a folder that does not exist."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        fail(f"--out-dir {out_dir} is a file, not a folder")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create --out-dir {out_dir} ({e.strerror})")
+    folders = [out_dir]
+    if writes_ckpt:
+        folders.append(os.path.dirname(ckpt_path) or ".")
+        if not os.path.isdir(folders[-1]):
+            fail(f"--ckpt {ckpt_path}: the folder {folders[-1]} does not exist")
+    for folder in folders:
+        try:
+            with tempfile.TemporaryFile(dir=folder):  # a probe: can we create files there?
+                pass
+        except OSError as e:
+            fail(f"cannot write to {folder} ({e.strerror})")
+
+
+def seed_step(seed, rank, step):
+    """Seed the draws of one training step (t, noise, label dropout) from (seed, rank, step)
+    alone: a resumed run continues exactly, with no random state to save."""
+    torch.manual_seed(hash((seed, rank, step)))
+
+
 def setup_distributed(device_name):
     """DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python` is one process.
     Returns (rank, world_size, device)."""
@@ -369,19 +398,6 @@ def load_checkpoint(path, args):
                 f"{path} was trained with {flag} {saved}, this run has {ours}; pass {flag} {saved}"
             )
     return ckpt
-
-
-def rng_state(device):
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 # -----------------------------------------------------------------------------
@@ -917,21 +933,22 @@ def train_classifier(images, labels, device, epochs, seed, batch_size=128):
     return classifier, (probs.argmax(1) == labels[val]).float().mean().item()
 
 
-def get_classifier(path, images, labels, dataset, device, epochs, seed):
-    """The classifier cached at `path` if it was trained on `dataset`, else a new one (cached)."""
+def get_classifier(path, images, labels, trained_from, device, epochs, seed):
+    """The classifier cached at `path` if it was trained from exactly `trained_from` (dataset,
+    data folder, size, seed and epochs), else a new one, cached there."""
     classifier = build_classifier().to(device)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
         state = None  # missing or unreadable: train a new one
-    if isinstance(state, dict) and state.get("dataset") == dataset:
+    if isinstance(state, dict) and state.get("trained_from") == trained_from:
         classifier.load_state_dict(state["model"])
         print(f"classifier: {path} (held-out accuracy {state['accuracy']:.4f})")
         return classifier.eval()
     t0 = time.time()
     classifier, accuracy = train_classifier(images, labels, device, epochs, seed)
-    save_checkpoint({"dataset": dataset, "model": classifier.state_dict(), "accuracy": accuracy},
-                    path)  # fmt: skip
+    save_checkpoint({"trained_from": trained_from, "model": classifier.state_dict(),
+                     "accuracy": accuracy}, path)  # fmt: skip
     print(f"classifier: trained {epochs} epochs in {time.time() - t0:.0f} s, "
           f"held-out accuracy {accuracy:.4f}, saved to {path}")  # fmt: skip
     return classifier
@@ -1013,11 +1030,11 @@ def save_eval(rows, csv_path, png_path):
     plt.close(fig)
 
 
-def run_eval(model, images, labels, dataset, out_dir, scales, per_class, steps, solver, ctx, seed,
-             classifier_epochs, device="cpu"):  # fmt: skip
+def run_eval(model, images, labels, trained_from, out_dir, scales, per_class, steps, solver, ctx,
+             seed, classifier_epochs, device="cpu"):  # fmt: skip
     """--eval: classifier (cached), the fidelity table on stdout, eval.csv and eval.png."""
-    classifier = get_classifier(os.path.join(out_dir, "classifier.pt"), images, labels, dataset,
-                                device, classifier_epochs, seed)  # fmt: skip
+    classifier = get_classifier(os.path.join(out_dir, "classifier.pt"), images, labels,
+                                trained_from, device, classifier_epochs, seed)  # fmt: skip
     t0 = time.time()
     rows = evaluate_fidelity(model, classifier, images, labels, scales, per_class, steps, solver,
                              ctx, seed, device)  # fmt: skip
@@ -1174,14 +1191,16 @@ def main(argv=None):
     if args.bench:
         return benchmark(args, device)
     ctx = autocast_context(device, dtype)
-    torch.manual_seed(args.seed + rank)
-    os.makedirs(args.out_dir, exist_ok=True)
     ckpt_path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
+    check_output_paths(args.out_dir, ckpt_path, writes_ckpt=not (args.sample_only or args.eval))
     sample_kw = {"steps": args.sample_steps, "solver": args.solver, "ctx": ctx, "seed": args.seed,
                  "device": device}  # fmt: skip
 
+    torch.manual_seed(args.seed)  # the same initial weights, and so the same EMA, on every rank
     model = build_model(args).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # the weights we sample with
+    # --compile: one compiled copy for training, one of the EMA for all sampling (same weights)
+    sampler = torch.compile(ema) if args.compile else ema
     if master:
         print(f"DiT with {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"{device}, {dtype}, {world_size} process(es)")  # fmt: skip
@@ -1191,14 +1210,17 @@ def main(argv=None):
         if master:
             print(f"loaded {ckpt_path}: step {ckpt['step']}")
         if master and args.sample_only:
-            run_experiments(ema, ckpt["losses"], args.out_dir, args.guidance_scale, args.digit,
-                            args.grid_rows,
-                            **sample_kw)  # fmt: skip
+            run_experiments(sampler, ckpt["losses"], args.out_dir, args.guidance_scale,
+                            args.digit, args.grid_rows, **sample_kw)  # fmt: skip
             print(f"figures written to {args.out_dir}")
         if master and args.eval:
             images, labels = load_dataset(args.dataset, args.data_dir, args.synthetic_size,
                                           args.seed)  # fmt: skip
-            run_eval(ema, images, labels, args.dataset, args.out_dir, args.eval_scales,
+            trained_from = {
+                key: getattr(args, key)
+                for key in ("dataset", "data_dir", "synthetic_size", "seed", "classifier_epochs")
+            }
+            run_eval(sampler, images, labels, trained_from, args.out_dir, args.eval_scales,
                      args.eval_per_class, classifier_epochs=args.classifier_epochs,
                      **sample_kw)  # fmt: skip
         return ema
@@ -1228,8 +1250,6 @@ def main(argv=None):
         if ckpt["scaler"]:  # empty unless the run used --dtype fp16
             scaler.load_state_dict(ckpt["scaler"])
         step, losses, saved_step = ckpt["step"], ckpt["losses"], ckpt["step"]
-        if len(ckpt["rng"]) == world_size:  # exact continuation needs the same number of ranks
-            set_rng_state(ckpt["rng"][rank], device)
         if master:
             print(f"resumed from {ckpt_path} at step {step}")
     train_model = torch.compile(model) if args.compile else model
@@ -1239,16 +1259,12 @@ def main(argv=None):
     step_fn = partial(train_step, train_model, ema, optimizer, scheduler, scaler, ctx)
 
     def save():
-        rng = [rng_state(device)]
-        if world_size > 1:  # every rank's random state, so that a resume continues each stream
-            rng = [None] * world_size
-            dist.all_gather_object(rng, rng_state(device))
         if master:
             save_checkpoint({
                 "script": SCRIPT, "args": vars(args), "step": step, "epoch": epoch,
                 "model": model.state_dict(), "ema": ema.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rng, "losses": losses,
+                "scaler": scaler.state_dict(), "losses": losses,
             }, ckpt_path)  # fmt: skip
 
     stop_signal, stopped = StopSignal(), False
@@ -1261,6 +1277,7 @@ def main(argv=None):
             bar = tqdm(batches, f"epoch {epoch + 1}/{args.epochs}", disable=not master, leave=False)
             window, epoch_losses, t0 = [], [], time.perf_counter()
             for i, idx in enumerate(bar):
+                seed_step(args.seed, rank, step)
                 x0, y = to_model_range(images[idx]), labels[idx]
                 ema_decay = ema_decay_at(step, args.ema_decay)
                 window.append(step_fn(x0, y, ema_decay, args.grad_clip, loss_fn))
@@ -1309,7 +1326,7 @@ def main(argv=None):
                 saved_step = step
             if master and epoch_done and (epoch + 1) % args.sample_every == 0:
                 path = os.path.join(args.out_dir, f"samples_epoch{epoch + 1:03d}.png")
-                plot_class_grid(ema, path, args.guidance_scale, per_class=4, **sample_kw)
+                plot_class_grid(sampler, path, args.guidance_scale, per_class=4, **sample_kw)
     finally:
         stop_signal.restore()
 
@@ -1319,7 +1336,7 @@ def main(argv=None):
             print(f"interrupted at step {step}: saved {ckpt_path}; continue with --resume")
         else:
             print(f"done: {step} steps, checkpoint {ckpt_path}")
-            run_experiments(ema, losses, args.out_dir, args.guidance_scale, args.digit,
+            run_experiments(sampler, losses, args.out_dir, args.guidance_scale, args.digit,
                             args.grid_rows, **sample_kw)  # fmt: skip
     if world_size > 1:
         dist.destroy_process_group()

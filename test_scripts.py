@@ -9,6 +9,7 @@ import contextlib
 import copy
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -246,6 +247,173 @@ def test_bench_prints_table(name, capsys):
     assert float(parity.split(",")[0]) < 1e-5 and float(parity.split("max ")[1]) < 1e-5, out
 
 
+def test_ddpm_cosine_schedule_is_nichol_dhariwal_eq17():
+    T, s = 1000, 0.008
+    a = ddpm.make_alphas_cumprod("cosine", T)
+
+    def f(u):  # eq. 17: alpha_bar(u) = f(u) / f(0)
+        return math.cos((u / T + s) / (1 + s) * math.pi / 2) ** 2
+
+    for t in (0, 1, 10, 250, 500, 750, 900):  # index t: alpha_bar after t + 1 noising steps
+        assert a[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-5), t
+
+
+def test_ddpm_linear_schedule_is_ho_et_al():
+    a = ddpm.make_alphas_cumprod("linear", 1000)
+    betas = [1e-4 + (0.02 - 1e-4) * i / 999 for i in range(1000)]
+    for t in (0, 1, 500, 999):
+        assert a[t].item() == pytest.approx(math.prod(1 - b for b in betas[: t + 1]), rel=1e-4)
+
+
+def test_ddpm_q_sample_is_the_closed_form():
+    a = ddpm.make_alphas_cumprod("cosine", 1000)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = (
+        torch.rand(3, 3, 32, 32, generator=g) * 2 - 1,
+        torch.randn(3, 3, 32, 32, generator=g),
+    )
+    t = torch.tensor([0, 400, 999])
+    x_t = ddpm.q_sample(a, x0, t, noise)
+    for i, ti in enumerate(t.tolist()):
+        expected = math.sqrt(a[ti]) * x0[i] + math.sqrt(1 - a[ti]) * noise[i]
+        torch.testing.assert_close(x_t[i], expected)
+
+
+def test_ddpm_loss_regresses_the_forward_process_noise():
+    """An oracle that recovers eps from x_t = sqrt(a) x0 + sqrt(1 - a) eps has zero loss, and the
+    eps it sees is standard normal with t uniform over 0..T-1: the loss target is the noise."""
+    a = ddpm.make_alphas_cumprod("cosine", 1000)
+    x0 = torch.rand(4096, 1, 2, 2) * 2 - 1
+    seen = {}
+
+    def oracle(x_t, t, y):
+        ab = a[t].view(-1, 1, 1, 1)
+        seen["eps"], seen["t"] = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt(), t
+        return seen["eps"]
+
+    torch.manual_seed(0)
+    assert ddpm.diffusion_loss(oracle, x0, torch.zeros(4096, dtype=torch.long), a, 0.15) < 1e-6
+    assert abs(seen["eps"].mean()) < 0.03 and abs(seen["eps"].std() - 1) < 0.03
+    # the time convention: t is drawn from all of 0..T-1, the steps the sampler walks
+    assert seen["t"].min() == 0 and seen["t"].max() == 999
+    assert abs(seen["t"].float().mean() - 499.5) < 20
+
+
+def test_ddpm_label_dropout_rate():
+    seen = []
+
+    def spy(x_t, t, y):
+        seen.append(y)
+        return torch.zeros_like(x_t)
+
+    y = torch.arange(20000) % ddpm.NUM_CLASSES
+    x0 = torch.zeros(20000, 1, 1, 1)
+    torch.manual_seed(0)
+    for p in (0.0, 0.15, 1.0):
+        ddpm.diffusion_loss(spy, x0, y, ddpm.make_alphas_cumprod("cosine", 1000), p)
+    none, some, every = seen
+    assert torch.equal(none, y) and (every == ddpm.NULL_CLASS).all()
+    dropped = some == ddpm.NULL_CLASS
+    assert abs(dropped.float().mean() - 0.15) < 0.01
+    assert torch.equal(some[~dropped], y[~dropped]), "labels that are kept stay unchanged"
+
+
+class PointMassEps(torch.nn.Module):
+    """The exact eps for data that is a point mass: class k's data is points[k] (k = NULL_CLASS:
+    the unconditional point), read from one-hot class embeddings; a mixed embedding means the
+    mixed point. Records every x_t it sees."""
+
+    def __init__(self, alphas_cumprod, points):
+        super().__init__()
+        self.alphas_cumprod, self.points, self.seen = alphas_cumprod, points, []
+        self.class_emb = torch.nn.Embedding.from_pretrained(torch.eye(ddpm.NUM_CLASSES + 1))
+        self.stem = torch.nn.Conv2d(points.shape[1], 1, 1)  # as in the UNet: gives in_channels
+
+    def forward(self, x, t, y=None, class_emb=None):
+        self.seen.append((x, t))
+        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        x0 = torch.einsum("bk,kchw->bchw", class_emb, self.points)  # (B, C, H, W)
+        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+
+
+def point_mass_setup(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    points = 0.25 * torch.randn(ddpm.NUM_CLASSES + 1, 3, 32, 32, generator=g).clamp(-1, 1)
+    noise = torch.randn(8, 3, 32, 32, generator=g)
+    labels = torch.arange(8) % ddpm.NUM_CLASSES
+    return points, noise, labels
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_on_a_point_mass_keeps_the_forward_marginals_and_lands_on_the_data(eta):
+    """With the exact eps, every x_t the sampler visits is distributed as the forward process
+    q(x_t | x0) = N(sqrt(a_t) x0, (1 - a_t) I): at eta = 0 it is exactly sqrt(a_t) x0 + sqrt(1 -
+    a_t) noise (the same noise at every step), at eta = 1 the standardised noise stays N(0, 1)."""
+    a = ddpm.make_alphas_cumprod("cosine", 1000)
+    points, noise, labels = point_mass_setup()
+    model = PointMassEps(a, points)
+    x = ddpm.ddim_sample(model, model.class_emb(labels), noise, 1.0, a, 10, eta,
+                         contextlib.nullcontext(), seed=0)  # fmt: skip
+    torch.testing.assert_close(x, points[labels], rtol=0, atol=1e-5)
+    assert len(model.seen) == 10
+    previous = None
+    for x_t, t in model.seen:
+        x_t, ab = x_t[: len(labels)], a[t[0]]  # the conditional half
+        e = (x_t - ab.sqrt() * points[labels]) / (1 - ab).sqrt()  # standardised noise
+        if eta == 0:
+            torch.testing.assert_close(e, noise, rtol=0, atol=1e-3)
+            continue
+        assert abs(e.var() - 1) < 0.06, (t[0].item(), e.var())
+        if previous is not None:
+            # a step from a to a_prev mixes in fresh noise of DDPM's posterior variance
+            # s2 = (1 - a_prev) / (1 - a) (1 - a / a_prev): corr = sqrt(1 - s2 / (1 - a_prev))
+            e_before, a_before = previous  # the noisier step before this one
+            var = (1 - ab) / (1 - a_before) * (1 - a_before / ab)
+            corr = torch.corrcoef(torch.stack([e.flatten(), e_before.flatten()]))[0, 1]
+            assert abs(corr - (1 - var / (1 - ab)).sqrt()) < 0.03, (t[0].item(), corr)
+        previous = e, ab
+
+
+@pytest.mark.parametrize("w", [0.0, 1.0, 3.0])
+def test_ddim_guided_lands_on_the_guided_point(w):
+    """For point masses the guided eps_u + w (eps_c - eps_u) is the exact eps of the point
+    x_u + w (x_c - x_u): w = 0 gives the unconditional (null-row) point, w = 1 the class's."""
+    a = ddpm.make_alphas_cumprod("cosine", 1000)
+    points, noise, labels = point_mass_setup()
+    points = 0.3 * points  # so that x_u + 3 (x_c - x_u) stays inside the clipping range [-1, 1]
+    model = PointMassEps(a, points)
+    x = ddpm.ddim_sample(model, model.class_emb(labels), noise, w, a, 8, 0.0,
+                         contextlib.nullcontext())  # fmt: skip
+    x_u, x_c = points[ddpm.NULL_CLASS], points[labels]
+    torch.testing.assert_close(x, x_u + w * (x_c - x_u), rtol=0, atol=1e-4)
+
+
+def test_ddpm_interpolation_walks_from_one_class_to_the_other():
+    """With the exact eps of point masses, the embedding mix (1 - m) e_a + m e_b is the point
+    (1 - m) x_a + m x_b (then guided): the row starts at class a's sample and ends at class b's."""
+    a = ddpm.make_alphas_cumprod("cosine", 1000)
+    points, _, _ = point_mass_setup()
+    model = PointMassEps(a, 0.5 * points)
+    sample = partial(ddpm.ddim_sample, alphas_cumprod=a, steps=4, eta=0.0,
+                     ctx=contextlib.nullcontext())  # fmt: skip
+    row = ddpm.interpolate_classes(model, sample, 3, 5, 2.0, seed=7, num_mixes=5)
+    mix = torch.linspace(0, 1, 5).view(-1, 1, 1, 1)
+    x_mix, x_u = (1 - mix) * model.points[3] + mix * model.points[5], model.points[ddpm.NULL_CLASS]
+    torch.testing.assert_close(row, x_u + 2.0 * (x_mix - x_u), rtol=0, atol=1e-4)  # CFG at w = 2
+    noise = ddpm.fixed_noise(1, 3, "cpu", seed=7)
+    for label, end in ((3, row[0]), (5, row[-1])):
+        pure = sample(model, model.class_emb(torch.tensor([label])), noise, 2.0, seed=7)[0]
+        torch.testing.assert_close(end, pure, rtol=0, atol=1e-6)
+
+
+def test_ddpm_get_batch_gives_images_in_minus_one_to_one():
+    images = torch.tensor([0, 128, 255], dtype=torch.uint8).view(3, 1, 1, 1).expand(3, 3, 32, 32)
+    for hflip in (False, True):
+        x, y = ddpm.get_batch(images, torch.arange(3), torch.arange(3), hflip,
+                              torch.contiguous_format)  # fmt: skip
+        assert x[0].eq(-1).all() and x[2].eq(1).all() and abs(x[1].mean().item()) < 0.01
+
+
 # -----------------------------------------------------------------------------
 # flow_dit_mnist_cfg.py
 
@@ -466,6 +634,121 @@ def test_flow_epoch_batches_cover_every_index_once():
     assert torch.cat(batches).sort().values.tolist() == list(range(50))
 
 
+def test_flow_loss_path_and_target():
+    """x_t = (1 - t) x0 + t x1 with x0 != 0 and the target x1 - x0: an oracle that reads the target
+    off x_t as (x_t - x0) / t has zero loss, and the x1 it implies is standard normal noise."""
+    x0 = torch.rand(4096, 1, 2, 2) * 2 - 1
+    y = torch.zeros(4096, dtype=torch.long)
+    seen = {}
+
+    def oracle(x_t, t, y):
+        t = t.view(-1, 1, 1, 1)
+        seen["x1"] = (x_t - (1 - t) * x0) / t
+        return (x_t - x0) / t
+
+    torch.manual_seed(0)
+    assert flow.flow_loss(oracle, x0, y, 0.1) < 1e-5
+    x1 = seen["x1"]
+    assert abs(x1.mean()) < 0.03 and abs(x1.std() - 1) < 0.03
+    assert abs(torch.corrcoef(torch.stack([x1.flatten(), x0.flatten()]))[0, 1]) < 0.05
+
+
+def test_flow_training_times():
+    torch.manual_seed(0)
+    t = flow.sample_t(50000, "cpu", "uniform")
+    assert (
+        0 <= t.min() and t.max() < 1 and abs(t.mean() - 0.5) < 0.01 and abs(t.var() - 1 / 12) < 0.01
+    )
+    logit = torch.logit(flow.sample_t(50000, "cpu", "logit-normal"))
+    assert abs(logit.mean()) < 0.02 and abs(logit.std() - 1) < 0.02
+
+
+def test_flow_timestep_embedder_scales_t_by_1000():
+    embedder = flow.TimestepEmbedder(64)
+    t = torch.tensor([0.0, 0.5, 0.51, 1.0])
+    expected = embedder.mlp(flow.TimestepEmbedder.sinusoidal(1000 * t, embedder.freq_dim))
+    torch.testing.assert_close(embedder(t), expected)
+
+
+def gaussian_velocity(mu, s):
+    """The exact velocity E[x1 - x0 | x_t = x] for data x0 ~ N(mu, s^2), noise x1 ~ N(0, 1), on
+    x_t = (1 - t) x0 + t x1. Its ODE carries x1 = z at t = 1 to exactly mu + s z at t = 0."""
+
+    def velocity(x, t):
+        t = t.view(-1, *[1] * (x.dim() - 1))
+        var = (1 - t) ** 2 * s**2 + t**2  # Var(x_t)
+        return -mu + (x - (1 - t) * mu) * (t - (1 - t) * s**2) / var
+
+    return velocity
+
+
+@pytest.mark.parametrize("solver,steps,tol", [("euler", 200, 0.02), ("heun", 50, 2e-3)])
+def test_flow_sampler_carries_noise_to_the_gaussian_data(solver, steps, tol):
+    g = torch.Generator().manual_seed(0)
+    mu, s = 0.4 * torch.randn(1, 1, 28, 28, generator=g), 0.3
+    z = torch.randn(16, 1, 28, 28, generator=g)
+    x0 = flow.sample_ode(gaussian_velocity(mu, s), z, steps, solver)
+    torch.testing.assert_close(x0, mu + s * z, rtol=0, atol=tol)
+    assert (x0 - z).abs().max() > 0.5, "the sampler moved the noise"
+
+
+class GaussianVelocity(torch.nn.Module):
+    """A DiT stand-in with the exact velocity for Gaussian data N(means[y], s^2) per class y;
+    y = NULL_CLASS is the unconditional data."""
+
+    def __init__(self, means, s):
+        super().__init__()
+        self.means, self.s = means, s
+
+    def forward(self, x, t, y):
+        return gaussian_velocity(self.means[y], self.s)(x, t)
+
+
+@pytest.mark.parametrize("w", [0.0, 1.0, 3.0])
+def test_flow_guided_sampler_lands_on_the_guided_gaussian(w):
+    """With one s for all classes, v_u + w (v_c - v_u) is the exact velocity of the Gaussian with
+    mean mu_u + w (mu_c - mu_u): w = 0 gives the unconditional (null-class) data, w = 1 the
+    class's."""
+    g = torch.Generator().manual_seed(1)
+    means, s = 0.1 * torch.randn(flow.NUM_CLASSES + 1, 1, 28, 28, generator=g), 0.3
+    y = torch.arange(8) % flow.NUM_CLASSES
+    z = torch.randn(8, 1, 28, 28, generator=g)
+    x0 = flow.generate(GaussianVelocity(means, s), y, w, z, steps=50, solver="heun")
+    mu_u, mu_c = means[flow.NULL_CLASS], means[y]
+    expected = (mu_u + w * (mu_c - mu_u) + s * z).clamp(-1, 1)  # generate clips to [-1, 1]
+    torch.testing.assert_close(x0, expected, rtol=0, atol=2e-3)
+
+
+def test_flow_fidelity_is_chance_for_shuffled_labels():
+    """The --eval numbers must mean something: on real digits the classifier agrees with the
+    labels, and with shuffled labels the same images score like chance."""
+    images, labels = flow.make_synthetic(2000, seed=0)
+    classifier, held_out_accuracy = flow.train_classifier(images, labels, "cpu", 5, seed=0)
+    x, y = flow.to_model_range(images[:500]), labels[:500]
+    shuffled = y[torch.randperm(500, generator=torch.Generator().manual_seed(0))]
+    assert held_out_accuracy > 0.9 and flow.fidelity(classifier, x, y, "cpu")["accuracy"] > 0.9
+    assert flow.fidelity(classifier, x, shuffled, "cpu")["accuracy"] < 0.25
+
+
+def test_flow_classifier_cache_is_keyed_on_everything_it_was_trained_from(tmp_path, monkeypatch):
+    images, labels = flow.make_synthetic(50, seed=0)
+    trained = []
+    real_train = flow.train_classifier
+
+    def counting_train(*a, **k):
+        trained.append(1)
+        return real_train(*a, **k)
+
+    monkeypatch.setattr(flow, "train_classifier", counting_train)
+    path = tmp_path / "classifier.pt"
+    key = {"dataset": "synthetic", "data_dir": "data", "synthetic_size": 50, "seed": 0,
+           "classifier_epochs": 1}  # fmt: skip
+    for changed, expect in [({}, 1), ({}, 1), ({"seed": 1}, 2), ({"synthetic_size": 60}, 3),
+                            ({"data_dir": "other"}, 4), ({"classifier_epochs": 2}, 5)]:  # fmt: skip
+        flow.get_classifier(str(path), images, labels, {**key, **changed}, "cpu", 1, 0)
+        assert len(trained) == expect, changed
+
+
 # -----------------------------------------------------------------------------
 # cross_attention_toy.py
 
@@ -568,6 +851,12 @@ def test_cat_checker_accepts_ground_truth_and_rejects_wrong_captions():
     two = [s for s in scenes if len(s) == 2]
     assert not any(cat.check_image(img, s[:1]) for img, s in zip(cat.render(two, 16), two))
     assert not cat.check_image(cat.render([()], 16)[0], scenes[0])
+    # a red circle painted over a green square: the named quadrant holds a colour not asked for
+    square = cat.render([(("green", "square", "top left"),)], 16)[0]
+    circle = cat.render([(("red", "circle", "top left"),)], 16)[0]
+    painted = torch.where((circle != -1).any(0), circle, square)
+    scene = (("red", "circle", "top left"),)
+    assert cat.check_image(circle, scene) and not cat.check_image(painted, scene)
     torch.manual_seed(0)
     assert not any(cat.check_image(torch.randn(3, 16, 16), s) for s in scenes[:20])
 
@@ -576,39 +865,6 @@ def test_cat_schedule_time_convention():
     abar = cat.cosine_alphas_cumprod(1000)
     assert abar.shape == (1000,) and (abar[1:] < abar[:-1]).all()
     assert abar[0] > 0.999 and abar[-1] < 1e-4, "t = 0 almost clean, t = T-1 pure noise"
-
-
-class StubEps(torch.nn.Module):
-    """A known eps: `cond` for captioned rows and `uncond` for empty-caption rows or, with `mix`,
-    uncond + mix * (cond - uncond) for every row (the reference for guidance scale w = mix)."""
-
-    def __init__(self, mix=None):
-        super().__init__()
-        self.mix, self.batch_sizes = mix, []
-        self.anchor = torch.nn.Parameter(torch.zeros(()))  # generate() reads the device from it
-
-    def forward(self, x, t, tokens, attn_store=None):
-        self.batch_sizes.append(x.shape[0])
-        cond, uncond = 0.5 * x + 0.3, -0.2 * x + 0.1
-        if self.mix is not None:
-            return uncond + self.mix * (cond - uncond)
-        is_null = (tokens[:, 1] == cat.PAD_ID).view(-1, 1, 1, 1)
-        return torch.where(is_null, uncond, cond)
-
-
-def test_cat_cfg_sampler_convention_and_one_batched_pass():
-    tokens = cat.tokenize(cat.IN_DIST_PROMPTS[:3], cat.MAX_LEN)
-    null = cat.tokenize([cat.NULL_CAPTION], cat.MAX_LEN)
-    abar, noise = cat.cosine_alphas_cumprod(1000), torch.randn(3, 3, 16, 16)
-
-    def sample(model, w):
-        return cat.ddim_sample(model, tokens, null, noise, w, abar, 5, contextlib.nullcontext())
-
-    model = StubEps()
-    for w in [0.0, 1.0, 3.0]:  # w = 0 unconditional, w = 1 conditional, w = 3 extrapolated
-        torch.testing.assert_close(sample(model, w), sample(StubEps(mix=w), w))
-    assert model.batch_sizes == [2 * 3] * 15, "one forward pass of [cond; uncond] per step"
-    assert not torch.allclose(sample(model, 0.0), sample(model, 1.0))
 
 
 def test_cat_loss_decreases_on_fixed_batch():
@@ -668,6 +924,123 @@ def test_cat_refuses_torchrun(monkeypatch, capsys):
     assert code == 2 and "start it with python, not torchrun" in err and err.count("\n") == 1
 
 
+def test_cat_cosine_schedule_is_nichol_dhariwal_eq17():
+    T, s = 1000, 0.008
+    abar = cat.cosine_alphas_cumprod(T)
+
+    def f(u):
+        return math.cos((u / T + s) / (1 + s) * math.pi / 2) ** 2
+
+    for t in (0, 1, 10, 250, 500, 750, 900):
+        assert abar[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-5), t
+
+
+def test_cat_loss_target_and_min_snr_weights():
+    """An oracle that recovers eps from x_t and adds 1 has a per-image MSE of exactly 1, so the
+    loss is the mean Min-SNR weight min(SNR_t, gamma) / SNR_t of the drawn t (1 with gamma = 0)."""
+    abar = cat.cosine_alphas_cumprod(1000)
+    x0 = torch.rand(512, 3, 2, 2) * 2 - 1
+    tokens, null = (
+        cat.tokenize(["a red circle at the top left"] * 512, cat.MAX_LEN),
+        cat.tokenize([""], cat.MAX_LEN),
+    )
+    seen = {}
+
+    def oracle(x_t, t, tokens):
+        a = abar[t].view(-1, 1, 1, 1)
+        seen["t"] = t
+        return (x_t - a.sqrt() * x0) / (1 - a).sqrt() + 1
+
+    torch.manual_seed(0)
+    assert cat.diffusion_loss(oracle, x0, tokens, null, abar, 0.1, 0.0).item() == pytest.approx(
+        1, abs=1e-4
+    )
+    loss = cat.diffusion_loss(oracle, x0, tokens, null, abar, 0.1, 5.0)
+    snr = abar[seen["t"]] / (1 - abar[seen["t"]])
+    assert loss.item() == pytest.approx((snr.clamp(max=5.0) / snr).mean().item(), rel=1e-4)
+    assert loss < 0.9, "the weights are below 1 where SNR > gamma"
+
+
+def test_cat_caption_dropout_rate():
+    seen = []
+
+    def spy(x_t, t, tokens):
+        seen.append(tokens)
+        return torch.zeros_like(x_t)
+
+    captions = [cat.IN_DIST_PROMPTS[i % 16] for i in range(20000)]
+    tokens, null = cat.tokenize(captions, cat.MAX_LEN), cat.tokenize([""], cat.MAX_LEN)
+    x0, abar = torch.zeros(20000, 3, 1, 1), cat.cosine_alphas_cumprod(1000)
+    torch.manual_seed(0)
+    for p in (0.0, 0.1, 1.0):
+        cat.diffusion_loss(spy, x0, tokens, null, abar, p, 0.0)
+    none, some, every = seen
+    assert torch.equal(none, tokens) and (every == null).all()
+    dropped = (some == null).all(1)
+    assert abs(dropped.float().mean() - 0.1) < 0.01
+    assert torch.equal(some[~dropped], tokens[~dropped]), "kept captions stay unchanged"
+
+
+class PointMassCaptions(torch.nn.Module):
+    """The exact eps for data that is a point mass per caption: prompt i's data is points[i], the
+    empty caption's is `null_point`. Records every x_t it sees."""
+
+    def __init__(self, alphas_cumprod, prompts, points, null_point):
+        super().__init__()
+        self.alphas_cumprod, self.points, self.null_point, self.seen = (
+            alphas_cumprod,
+            points,
+            null_point,
+            [],
+        )
+        self.prompt_tokens = cat.tokenize(prompts, cat.MAX_LEN)  # (P, S)
+        self.null_tokens = cat.tokenize([cat.NULL_CAPTION], cat.MAX_LEN)
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t, tokens, attn_store=None):
+        self.seen.append(x)
+        is_prompt = (tokens[:, None] == self.prompt_tokens[None]).all(-1)  # (B, P)
+        is_null = (tokens == self.null_tokens).all(-1)
+        assert (is_prompt.sum(1) + is_null == 1).all(), "every row is a prompt or the empty caption"
+        x0 = torch.where(
+            is_null.view(-1, 1, 1, 1), self.null_point, self.points[is_prompt.int().argmax(1)]
+        )
+        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+
+
+@pytest.mark.parametrize("w", [0.0, 1.0, 3.0])
+def test_cat_ddim_is_exact_for_point_masses(w):
+    """The guided eps of two point masses is the exact eps of x_u + w (x_c - x_u); DDIM lands on
+    that point, and at w = 1 every x_t it visits is exactly sqrt(a_t) x0 + sqrt(1 - a_t) noise."""
+    abar = cat.cosine_alphas_cumprod(1000)
+    g = torch.Generator().manual_seed(0)
+    prompts = list(cat.IN_DIST_PROMPTS[:3])
+    points = 0.05 * torch.randn(3, 3, 16, 16, generator=g)
+    null_point = 0.05 * torch.randn(3, 16, 16, generator=g)
+    noise = torch.randn(3, 3, 16, 16, generator=g)
+    model = PointMassCaptions(abar, prompts, points, null_point)
+    tokens = cat.tokenize(prompts, cat.MAX_LEN)
+    x = cat.ddim_sample(
+        model, tokens, model.null_tokens, noise, w, abar, 6, contextlib.nullcontext()
+    )
+    torch.testing.assert_close(x, null_point + w * (points - null_point), rtol=0, atol=1e-4)
+    assert len(model.seen) == 6, "one batched [cond; uncond] pass per step"
+    if w == 1.0:
+        timesteps = torch.linspace(999, 0, 6).round().long()
+        for x_t, t in zip(model.seen, timesteps):
+            a = abar[t]
+            torch.testing.assert_close(
+                x_t[:3], a.sqrt() * points + (1 - a).sqrt() * noise, rtol=0, atol=3e-3
+            )
+
+
+def test_cat_render_gives_images_in_minus_one_to_one():
+    images = cat.render([(("white", "square", "top left"),), ()], 16)
+    assert images.min() == -1 and images.max() == 1
+    assert images[1].eq(-1).all(), "the background is black"
+
+
 # -----------------------------------------------------------------------------
 # Real datasets, with torchvision's classes replaced by fakes (the tests never download)
 
@@ -703,8 +1076,13 @@ def test_real_dataset_loaders_give_uint8_nchw(monkeypatch):
     images, labels = ddpm.load_dataset("mnist", "data", 0, 0)
     assert images.shape == (5, 1, 32, 32) and labels.tolist() == [9, 8, 7, 6, 5]
     assert images[:, :, :2].eq(0).all() and images[:, :, 30:].eq(0).all(), "padded 28 -> 32"
+    x, _ = ddpm.get_batch(images, labels, torch.arange(5), False, torch.contiguous_format)
+    torch.testing.assert_close(x, images.float() / 127.5 - 1)
     images, labels = flow.load_dataset("mnist", "data", 0, 0)
     assert images.shape == (5, 1, 28, 28) and images.dtype == torch.uint8
+    x = flow.to_model_range(images)
+    torch.testing.assert_close(x, images.float() / 127.5 - 1)
+    assert flow.to_model_range(torch.tensor([0, 255], dtype=torch.uint8)).tolist() == [-1, 1]
 
 
 @pytest.mark.parametrize(
@@ -829,31 +1207,6 @@ def test_nonfinite_loss_stops_without_overwriting(name, tmp_path, capsys, monkey
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 6
 
 
-@pytest.mark.parametrize("name", ["ddpm_cifar_cfg"])  # flow_dit_mnist_cfg.py has the same DDP code
-def test_torchrun_two_ranks_identical_weights(name, tmp_path):
-    wrapper = tmp_path / "rank.py"
-    wrapper.write_text(
-        "import os, sys, torch\n"
-        f"sys.path.insert(0, {str(HERE)!r})\n"
-        f"import {name}\n"
-        f"model = {name}.main(sys.argv[1:])\n"
-        f"torch.save(model.state_dict(), os.path.join({str(tmp_path)!r}, "
-        "f\"rank{os.environ['RANK']}.pt\"))\n"
-    )
-    flags = TINY[name] + ["--max-steps", "3", "--out-dir", str(tmp_path / "out")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(wrapper), *flags]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=ENV, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rank0, rank1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
-    assert any((v != 0).any() for v in rank0.values())
-    for key, value in rank0.items():
-        assert torch.equal(value, rank1[key]), key
-    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2
-    assert r.stdout.count("done: 3 steps") == 1, "only rank 0 prints"
-
-
 BAD_FLAGS = {
     "ddpm_cifar_cfg": [
         (["--p-uncond", "1.5"], "argument --p-uncond: expected a probability in [0, 1], got '1.5'"),
@@ -880,6 +1233,8 @@ BAD_FLAGS = {
         (["--attn-heads", "3"], "--attn-heads 3 does not divide 256 channels at 8"),
         (["--sample-steps", "2000"], "--sample-steps 2000 exceeds --timesteps 1000"),
         (["--sample-only", "--resume"], "choose at most one of --sample-only, --resume"),
+        (["--eta", "2"], "argument --eta: expected a number in [0, 1], got '2'"),
+        (["--eta", "-0.5"], "argument --eta: expected a number in [0, 1], got '-0.5'"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     ],
     "flow_dit_mnist_cfg": [
@@ -924,6 +1279,8 @@ BAD_FLAGS = {
             "vocabulary is: a at the and top bottom left right red",
         ),
         (["--prompt", " ".join(["a"] * 16)], "argument --prompt: caption has 16 words, at most 15"),
+        (["--prompt", ""], "argument --prompt: expected a caption, got an empty one"),
+        (["--prompt", "   "], "argument --prompt: expected a caption, got an empty one"),
         (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
         (["--sample-only", "--bench"], "choose at most one of --sample-only, --resume and --bench"),
     ],
@@ -962,3 +1319,123 @@ def test_bad_checkpoints_exit_2_with_one_line(name, tmp_path, capsys, monkeypatc
             code, out, err = run_main(module, flags + extra + [mode], capsys)
             assert code == 2 and err.count("\n") == 1 and message in err, (mode, err)
     assert f"pass {width_flag} " in err
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_training_loop_uses_the_ema_warm_up(name, tmp_path, monkeypatch):
+    module = MODULES[name]
+    skip_experiments(module, monkeypatch)
+    decays, real_update = [], module.update_ema
+
+    def spy(ema, model, decay):
+        decays.append(decay)
+        real_update(ema, model, decay)
+
+    monkeypatch.setattr(module, "update_ema", spy)
+    args = module.get_args(TINY[name] + ["--max-steps", "3", "--out-dir", str(tmp_path)])
+    module.main(TINY[name] + epochs(name, 1) + ["--max-steps", "3", "--out-dir", str(tmp_path)])
+    assert decays == [min(args.ema_decay, (1 + s) / (10 + s)) for s in range(3)]
+
+
+def read_only_folder(tmp_path):
+    """A folder this process cannot write to: chmod 555 (root ignores that, so /sys then)."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for candidate in (folder, Path("/sys")):
+        try:
+            (candidate / "probe").write_text("")
+        except OSError:
+            return candidate
+    pytest.skip("no read-only folder on this machine")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_unwritable_outputs_exit_2_before_data_or_model(name, tmp_path, capsys, monkeypatch):
+    module = MODULES[name]
+
+    def untouchable(*args, **kwargs):
+        raise AssertionError("data or model touched before the output paths were checked")
+
+    monkeypatch.setattr(module, "build_model", untouchable)
+    if hasattr(module, "load_dataset"):
+        monkeypatch.setattr(module, "load_dataset", untouchable)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    cases = [
+        (["--out-dir", str(a_file)], f"--out-dir {a_file} is a file, not a folder"),
+        (["--out-dir", str(a_file / "sub")], f"cannot create --out-dir {a_file / 'sub'}"),
+        (["--out-dir", str(tmp_path / "out"), "--ckpt", str(tmp_path / "missing" / "ckpt.pt")],
+         f"the folder {tmp_path / 'missing'} does not exist"),
+        (["--out-dir", str(read_only_folder(tmp_path))], "cannot write to"),
+    ]  # fmt: skip
+    for flags, message in cases:
+        code, out, err = run_main(module, TINY[name] + flags, capsys)
+        assert code == 2 and err.count("\n") == 1 and message in err, (flags, err)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_compile_also_compiles_the_sampling_model(name, tmp_path, monkeypatch, capsys):
+    """With --compile, sampling (figures, --sample-only, --eval) runs a compiled EMA model."""
+    module = MODULES[name]
+    skip_experiments(module, monkeypatch)
+    flags = TINY[name] + ["--max-steps", "1", "--out-dir", str(tmp_path)]
+    module.main(flags)
+    compiled, sampled = [], []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or m)
+    monkeypatch.setattr(module, "run_experiments",
+                        lambda *a, **k: sampled.extend(m for m in a if m in compiled))  # fmt: skip
+    code, out, err = run_main(module, flags + ["--sample-only", "--compile"], capsys)
+    assert code == 0, err
+    ema = torch.load(tmp_path / "ckpt.pt", weights_only=True)["ema"]
+    assert len(sampled) == 1, "the experiments get the compiled model"
+    for key, value in sampled[0].state_dict().items():
+        assert torch.equal(value, ema[key]), key
+
+
+TORCHRUN_WRAPPER = """
+import os, sys, torch
+sys.path.insert(0, {here!r})
+import {name} as module
+shards, emas = [], []
+real_batches, real_update = module.epoch_batches, module.update_ema
+
+def recording_batches(*args, **kwargs):
+    batches = real_batches(*args, **kwargs)
+    shards.append(torch.cat(batches).tolist())
+    return batches
+
+def recording_update(ema, model, decay):
+    emas[:] = [ema]
+    real_update(ema, model, decay)
+
+module.epoch_batches, module.update_ema = recording_batches, recording_update
+model = module.main(sys.argv[1:])
+torch.save({{"model": model.state_dict(), "ema": emas[0].state_dict(), "shards": shards}},
+           os.path.join({out!r}, "rank" + os.environ["RANK"] + ".pt"))
+"""
+
+
+@pytest.mark.parametrize("name", ["ddpm_cifar_cfg", "flow_dit_mnist_cfg"])
+def test_torchrun_two_ranks_disjoint_shards_identical_weights_and_ema(name, tmp_path):
+    wrapper = tmp_path / "rank.py"
+    wrapper.write_text(TORCHRUN_WRAPPER.format(here=str(HERE), name=name, out=str(tmp_path)))
+    flags = TINY[name] + ["--epochs", "2", "--synthetic-size", "32", "--max-steps", "5",
+                          "--out-dir", str(tmp_path / "out")]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(wrapper), *flags]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=ENV, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
+    assert len(rank0["shards"]) == 2, "two epochs"
+    for shard0, shard1 in zip(rank0["shards"], rank1["shards"], strict=True):
+        assert len(shard0) == len(shard1) == 16 and not set(shard0) & set(shard1)
+    assert any((v != 0).any() for v in rank0["model"].values())
+    for part in ("model", "ema"):
+        for key, value in rank0[part].items():
+            assert torch.equal(value, rank1[part][key]), (part, key)
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 5
+    for key, value in ckpt["ema"].items():
+        assert torch.equal(value, rank0["ema"][key]), key
+    assert r.stdout.count("done: 5 steps") == 1, "only rank 0 prints"
