@@ -158,6 +158,11 @@ probability = checked(float, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
 int_list = checked(
     partial(split, convert=int), lambda v: min(v) > 0, "positive integers like 1,2,2"
 )
+interval_pair = checked(  # "0.2,0.8" -> (0.2, 0.8)
+    lambda text: tuple(split(text, float)),
+    lambda v: len(v) == 2 and 0 <= v[0] < v[1] <= 1,
+    "two numbers LO,HI with 0 <= LO < HI <= 1, like 0.2,0.8",
+)
 float_list = checked(partial(split, convert=float), lambda v: 0 <= min(v) <= max(v) < math.inf,
                      "numbers >= 0 like 1,2,4")  # fmt: skip
 
@@ -225,8 +230,13 @@ def get_args(argv=None):
                    help="CFG scale w of the figures and --prompt: 0 unconditional, 1 conditional")
     g.add_argument("--guidance-scales", type=float_list, default=[0.0, 1.0, 2.0, 3.0, 5.0],
                    help="CFG scales of the fidelity table and guidance_sweep.png")
+    g.add_argument("--guidance-interval", type=interval_pair, default=(0.0, 1.0), metavar="LO,HI",
+                   help="guide only while the noise level t / T is in [LO, HI] (Kynkaanniemi et "
+                        "al. 2024), conditional elsewhere; 0,1 = the whole chain")
+    g.add_argument("--eval-interval", type=interval_pair, default=(0.0, 0.7), metavar="LO,HI",
+                   help="guidance interval of the fidelity table's extra row (default w)")
     g.add_argument("--sample-steps", type=positive_int, default=25, help="DDIM steps")
-    g.add_argument("--eval-samples", type=positive_int, default=4,
+    g.add_argument("--eval-samples", type=positive_int, default=8,
                    help="samples per prompt in the fidelity table")
     g.add_argument("--prompt", type=caption, default=None,
                    help="also generate images for this caption (words from the vocabulary)")
@@ -933,6 +943,8 @@ def guided_eps(model, x, t, tokens, null_tokens, guidance_scale, attn_store=None
     w = 1 is the plain conditional prediction, w = 0 the unconditional one (empty caption), w > 1
     pushes further toward the caption. Both come from ONE batched forward pass over [cond; uncond].
     x: (B, 3, H, W); tokens: (B, S); null_tokens: (1, S)."""
+    if guidance_scale == 1:  # the plain conditional prediction: no unconditional half needed
+        return model(x, t, tokens, attn_store).float()
     B = x.shape[0]
     both = torch.cat([tokens, null_tokens.expand(B, -1)])  # (2B, S)
     eps = model(torch.cat([x, x]), torch.cat([t, t]), both, attn_store).float()  # (2B, 3, H, W)
@@ -942,10 +954,12 @@ def guided_eps(model, x, t, tokens, null_tokens, guidance_scale, attn_store=None
 
 @torch.no_grad()
 def ddim_sample(model, tokens, null_tokens, noise, guidance_scale, alphas_cumprod, steps, ctx,
-                attn_store=None):  # fmt: skip
+                interval=(0.0, 1.0), attn_store=None):  # fmt: skip
     """Deterministic DDIM (Song et al. 2020, eq. 12 with eta = 0) with CFG, from x_{T-1} = noise
-    (B, 3, H, W) down to x_0 on `steps` evenly spaced timesteps. If attn_store is a list, every
-    cross-attention layer appends its weights at every step. Returns (B, 3, H, W) in [-1, 1]."""
+    (B, 3, H, W) down to x_0 on `steps` evenly spaced timesteps. Guidance interval (Kynkaanniemi
+    et al. 2024): guide only while t / T lies in `interval`, use the conditional prediction (w = 1)
+    elsewhere. If attn_store is a list, every cross-attention layer appends its weights at every
+    step. Returns (B, 3, H, W) in [-1, 1]."""
     T = len(alphas_cumprod)
     timesteps = torch.linspace(T - 1, 0, steps).round().long().tolist()  # noise down to t = 0
     x = noise
@@ -953,8 +967,9 @@ def ddim_sample(model, tokens, null_tokens, noise, guidance_scale, alphas_cumpro
         a = alphas_cumprod[t]
         a_prev = alphas_cumprod[timesteps[i + 1]] if i + 1 < steps else torch.ones_like(a)
         t_batch = torch.full((x.shape[0],), t, device=x.device)
+        w = guidance_scale if interval[0] <= t / T <= interval[1] else 1.0
         with ctx:
-            eps = guided_eps(model, x, t_batch, tokens, null_tokens, guidance_scale, attn_store)
+            eps = guided_eps(model, x, t_batch, tokens, null_tokens, w, attn_store)
         # predicted clean image, clipped to the data range, and the noise consistent with it
         x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
         eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
@@ -1011,17 +1026,40 @@ def check_image(image, scene):
             shape, mask = None, torch.zeros_like(region, dtype=torch.bool)
         if ((region != 0) & ~mask).float().mean() > MAX_STRAY:
             return False  # an object, or a colour, the caption did not ask for
-        if shape is None:
-            continue
-        inter = (templates & mask).flatten(2).sum(-1).float()  # (S, O)
-        union = (templates | mask).flatten(2).sum(-1).float()
-        iou = (inter / union).amax(dim=1)  # (S,) best offset per shape
-        if iou.max() < MIN_IOU or iou.argmax().item() != SHAPES.index(shape):
+        if shape is not None and best_shape(templates, mask) != shape:
             return False
     return True
 
 
-def generate(model, sample, prompts, samples_per_prompt, guidance_scale, seed, attn_store=None):
+def best_shape(templates, mask):
+    """The renderer's shape that best matches a (cell, cell) bool mask (at the best jitter offset),
+    or None if none overlaps it with IoU >= MIN_IOU."""
+    inter = (templates & mask).flatten(2).sum(-1).float()  # (S, O)
+    union = (templates | mask).flatten(2).sum(-1).float()
+    iou = (inter / union).amax(dim=1)  # (S,) best offset per shape
+    return SHAPES[iou.argmax().item()] if iou.max() >= MIN_IOU else None
+
+
+def read_attributes(image, scene):
+    """For each object of the scene: (is its colour right, is its shape right), each read on its
+    own. Colour: the most common non-background colour in the object's quadrant. Shape: the best
+    match of all coloured pixels there, whatever their colour. Both right is a weaker test than
+    check_image, which also wants the shape in the named colour and no other colours."""
+    labels = read_image(image)
+    cell = labels.shape[-1] // 2
+    templates = shape_templates(labels.shape[-1])
+    hits = []
+    for colour, shape, pos in scene:
+        row, col = POSITIONS[pos]
+        region = labels[row * cell : (row + 1) * cell, col * cell : (col + 1) * cell]
+        coloured = region != 0
+        dominant = region[coloured].mode().values.item() if coloured.any() else 0
+        hits.append((dominant == list(COLOURS).index(colour) + 1,
+                     best_shape(templates, coloured) == shape))  # fmt: skip
+    return hits
+
+
+def generate(model, sample, prompts, samples_per_prompt, guidance_scale, seed, **sample_kwargs):
     """Images for every prompt, samples_per_prompt each, prompt-major: (P * n, 3, H, W) on the CPU.
     `sample` is ddim_sample with its settings bound. The starting noise comes from a CPU generator
     seeded with `seed`: every guidance scale starts from the same noise, on any device."""
@@ -1031,7 +1069,7 @@ def generate(model, sample, prompts, samples_per_prompt, guidance_scale, seed, a
     null_tokens = tokenize([NULL_CAPTION], MAX_LEN).to(device)  # (1, S)
     size = (len(captions), 3, model.image_size, model.image_size)
     noise = torch.randn(size, generator=torch.Generator().manual_seed(seed)).to(device)
-    return sample(model, tokens, null_tokens, noise, guidance_scale, attn_store=attn_store).cpu()
+    return sample(model, tokens, null_tokens, noise, guidance_scale, **sample_kwargs).cpu()
 
 
 def fidelity(images, prompts, samples_per_prompt):
@@ -1040,41 +1078,75 @@ def fidelity(images, prompts, samples_per_prompt):
     return sum(check_image(img, s) for img, s in zip(images, scenes)) / len(scenes)
 
 
-def fidelity_table(model, sample, guidance_scales, samples_per_prompt, seed):
-    """Prompt fidelity on IN_DIST_PROMPTS and HELD_OUT_PROMPTS at each guidance scale. Returns the
-    table rows and the images, {w: {"in_dist": (P * n, 3, H, W), "held_out": ...}}."""
+def held_out_attributes(images, samples_per_prompt):
+    """Over the held-out objects (the HELD_OUT_PAIRS) of the HELD_OUT_PROMPTS images: how often
+    the colour is right, the shape is right, and both are."""
+    hits = []
+    prompts = [p for p in HELD_OUT_PROMPTS for _ in range(samples_per_prompt)]
+    for image, prompt in zip(images, prompts):
+        scene = parse_caption(prompt)
+        for hit, (colour, shape, _) in zip(read_attributes(image, scene), scene):
+            if (colour, shape) in HELD_OUT_PAIRS:
+                hits.append(hit)
+    colour, shape = (sum(h[i] for h in hits) / len(hits) for i in (0, 1))
+    return {"colour": colour, "shape": shape, "both": sum(c and s for c, s in hits) / len(hits)}
+
+
+def fidelity_row(model, sample, w, samples_per_prompt, seed, interval=None):
+    """One row of the table at guidance scale w (guided only in `interval` if one is given), and
+    its images {"in_dist": (P * n, 3, H, W), "held_out": ...}."""
+    kwargs = {} if interval is None else {"interval": interval}
+    images = {
+        name: generate(model, sample, prompts, samples_per_prompt, w, seed, **kwargs)
+        for name, prompts in (("in_dist", IN_DIST_PROMPTS), ("held_out", HELD_OUT_PROMPTS))
+    }
+    row = {
+        "guidance_scale": w,
+        "interval": interval,
+        "in_dist": fidelity(images["in_dist"], IN_DIST_PROMPTS, samples_per_prompt),
+        "held_out": fidelity(images["held_out"], HELD_OUT_PROMPTS, samples_per_prompt),
+        "held_out_objects": held_out_attributes(images["held_out"], samples_per_prompt),
+        "n_in_dist": len(IN_DIST_PROMPTS) * samples_per_prompt,
+        "n_held_out": len(HELD_OUT_PROMPTS) * samples_per_prompt,
+    }
+    return row, images
+
+
+def fidelity_table(model, sample, guidance_scales, samples_per_prompt, seed, interval_row):
+    """Prompt fidelity on IN_DIST_PROMPTS and HELD_OUT_PROMPTS at each guidance scale, then one
+    row (w, interval) = interval_row guided only in that interval. Returns the rows and the
+    images of the whole-chain rows, {w: {"in_dist": (P * n, 3, H, W), "held_out": ...}}."""
     rows, images = [], {}
     for w in guidance_scales:
-        images[w] = {
-            name: generate(model, sample, prompts, samples_per_prompt, w, seed)
-            for name, prompts in (("in_dist", IN_DIST_PROMPTS), ("held_out", HELD_OUT_PROMPTS))
-        }
-        rows.append(
-            {
-                "guidance_scale": w,
-                "in_dist": fidelity(images[w]["in_dist"], IN_DIST_PROMPTS, samples_per_prompt),
-                "held_out": fidelity(images[w]["held_out"], HELD_OUT_PROMPTS, samples_per_prompt),
-                "n_in_dist": len(IN_DIST_PROMPTS) * samples_per_prompt,
-                "n_held_out": len(HELD_OUT_PROMPTS) * samples_per_prompt,
-            }
-        )
+        row, images[w] = fidelity_row(model, sample, w, samples_per_prompt, seed)
+        rows.append(row)
+    w, interval = interval_row
+    rows.append(fidelity_row(model, sample, w, samples_per_prompt, seed, interval)[0])
     return rows, images
 
 
 def format_table(rows, default_w):
-    lines = [
-        "guidance w | in-distribution | held-out pairs",
-        "-----------+-----------------+---------------",
-    ]
+    header = (
+        "          guidance w | in-distribution | held-out pairs | held-out objects: colour, "
+        "shape, both (colour x shape)"
+    )
+    lines = [header, "-" * len(header)]
     for r in rows:
-        mark = " *" if r["guidance_scale"] == default_w else "  "
+        label = f"{r['guidance_scale']:g}"
+        if r["interval"] is not None:
+            label += " in [{:g}, {:g}]".format(*r["interval"])
+        elif r["guidance_scale"] == default_w:
+            label += " *"
+        o = r["held_out_objects"]
         lines.append(
-            f"{r['guidance_scale']:8.1f}{mark} | {100 * r['in_dist']:14.1f}% | "
-            f"{100 * r['held_out']:12.1f}%"
+            f"{label:>20} | {100 * r['in_dist']:14.1f}% | {100 * r['held_out']:13.1f}% | "
+            f"{100 * o['colour']:23.1f}%, {100 * o['shape']:.1f}%, {100 * o['both']:.1f}% "
+            f"({100 * o['colour'] * o['shape']:.1f}%)"
         )
     lines.append(
         f"(* default --guidance-scale; {rows[0]['n_in_dist']} in-distribution and "
-        f"{rows[0]['n_held_out']} held-out images per row)"
+        f"{rows[0]['n_held_out']} held-out images per row; 'in [lo, hi]': guided only while t / T "
+        "is in [lo, hi])"
     )
     return "\n".join(lines)
 
@@ -1187,7 +1259,8 @@ def run_experiments(ema, sample, args):
     """The fidelity table and every figure, from the EMA weights: after training, or from a
     checkpoint with --sample-only. Returns the table rows."""
     out, w, n, seed = args.out_dir, args.guidance_scale, args.eval_samples, args.seed
-    table, images = fidelity_table(ema, sample, sorted({*args.guidance_scales, w}), n, seed)
+    scales = sorted({*args.guidance_scales, w})
+    table, images = fidelity_table(ema, sample, scales, n, seed, (w, args.eval_interval))
     print(format_table(table, w))
     with open(os.path.join(out, "fidelity.json"), "w") as f:
         json.dump({"default_guidance_scale": w, "rows": table}, f, indent=2)
@@ -1352,7 +1425,8 @@ def main(argv=None):
     check_output_paths(args.out_dir, ckpt_path, writes_ckpt=not args.sample_only)
     torch.manual_seed(args.seed)
     alphas_cumprod = cosine_alphas_cumprod(args.timesteps).to(device)
-    sample = partial(ddim_sample, alphas_cumprod=alphas_cumprod, steps=args.sample_steps, ctx=ctx)
+    sample = partial(ddim_sample, alphas_cumprod=alphas_cumprod, steps=args.sample_steps, ctx=ctx,
+                     interval=args.guidance_interval)  # fmt: skip
 
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = build_model(args).to(device, memory_format=memory_format)

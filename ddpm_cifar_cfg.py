@@ -37,8 +37,10 @@ preconditioning, latent diffusion. Each would hide the lesson under machinery.
 import argparse
 import contextlib
 import copy
+import csv
 import math
 import os
+import pickle
 import signal
 import statistics
 import sys
@@ -107,6 +109,11 @@ unit_float = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 int_list = checked(
     partial(split, convert=int), lambda v: min(v) > 0, "positive integers like 1,2,2"
 )
+interval_pair = checked(  # "0.2,0.8" -> (0.2, 0.8)
+    lambda text: tuple(split(text, float)),
+    lambda v: len(v) == 2 and 0 <= v[0] < v[1] <= 1,
+    "two numbers LO,HI with 0 <= LO < HI <= 1, like 0.2,0.8",
+)
 float_list = checked(partial(split, convert=float), lambda v: 0 <= min(v) <= max(v) < math.inf,
                      "numbers >= 0 like 1,2,4")  # fmt: skip
 class_pairs = checked(  # "3-5,0-8" -> [(3, 5), (0, 8)]
@@ -172,6 +179,9 @@ def get_args(argv=None):
     g.add_argument("--guidance-scale", type=nonnegative_float, default=4.0,
                    help="CFG scale w: 0 unconditional, 1 conditional, >1 guided")
     g.add_argument("--sample-steps", type=positive_int, default=50, help="DDIM steps")
+    g.add_argument("--guidance-interval", type=interval_pair, default=(0.0, 1.0), metavar="LO,HI",
+                   help="guide only while t / T is in [LO, HI] (Kynkaanniemi et al. 2024; t = T "
+                        "is noise), conditional elsewhere; 0,1 = the whole chain")
     g.add_argument("--eta", type=unit_float, default=0.0,
                    help="DDIM noise in [0, 1]: 0 deterministic, 1 DDPM-like")
     g.add_argument("--guidance-scales", type=float_list, default=[1, 2, 4, 6, 8, 10],
@@ -184,7 +194,19 @@ def get_args(argv=None):
     g.add_argument("--sample-only", action="store_true",
                    help="no training: run the experiments from --ckpt (or --out-dir/ckpt.pt)")
     g.add_argument("--ckpt", default=None,
-                   help="checkpoint for --sample-only and --resume (default: --out-dir/ckpt.pt)")
+                   help="checkpoint for --sample-only, --eval and --resume "
+                        "(default: --out-dir/ckpt.pt)")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval", action="store_true",
+                   help="no training: load --ckpt, score samples with a classifier, write eval.csv")
+    g.add_argument("--eval-per-class", type=positive_int, default=100,
+                   help="generated samples per class and per table row in --eval (at least 2)")
+    g.add_argument("--eval-scales", type=float_list, default=[0, 1, 2, 3, 4, 6],
+                   help="comma-separated guidance scales w scored by --eval")
+    g.add_argument("--eval-interval", type=interval_pair, default=(0.0, 0.7), metavar="LO,HI",
+                   help="guidance interval of the table's extra rows (one per w > 1)")
+    g.add_argument("--classifier-epochs", type=positive_int, default=10,
+                   help="epochs of the eval classifier (cached in OUT_DIR/classifier.pt)")
     g = p.add_argument_group("system")
     g.add_argument("--out-dir", default="out/ddpm_cifar", help="checkpoints and figures go here")
     g.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
@@ -227,8 +249,10 @@ def get_args(argv=None):
         p.error("--device cuda, but no CUDA device is visible (try --device cpu)")
     if args.device == "mps" and not torch.backends.mps.is_available():
         p.error("--device mps, but MPS is not available (try --device cpu)")
-    if args.sample_only + args.resume + args.bench > 1:
-        p.error("choose at most one of --sample-only, --resume and --bench")
+    if args.eval_per_class < 2:
+        p.error("--eval-per-class must be at least 2 (diversity is a pairwise distance)")
+    if args.resume + args.bench + (args.sample_only or args.eval) > 1:
+        p.error("choose one of --resume, --bench and --sample-only/--eval")
     if args.bench and world_size > 1:
         p.error("--bench runs in one process: start it with python, not torchrun")
     return args
@@ -364,13 +388,19 @@ def load_checkpoint(path, args):
     return ckpt
 
 
-def save_image_grid(images, path, nrow, title, col_labels=None, row_labels=None):
-    """Save (nrow * ncol, C, H, W) images in [-1, 1], laid out row by row, as a labelled PNG."""
+def pyplot():
+    """matplotlib is imported only when a figure is drawn, so importing the script stays fast."""
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_image_grid(images, path, nrow, title, col_labels=None, row_labels=None):
+    """Save (nrow * ncol, C, H, W) images in [-1, 1], laid out row by row, as a labelled PNG."""
+    plt = pyplot()
     n, c, h, w = images.shape
     ncol = n // nrow
     x = F.pad((images.float().cpu().clamp(-1, 1) + 1) / 2, (1, 1, 1, 1), value=1.0)
@@ -388,11 +418,7 @@ def save_image_grid(images, path, nrow, title, col_labels=None, row_labels=None)
 
 
 def save_loss_curve(losses, path, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(losses, lw=0.5, alpha=0.4, label="per step")
     window = max(1, len(losses) // 50)
@@ -658,18 +684,23 @@ def make_synthetic(n, seed):
     return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
 
 
-def load_dataset(name, data_dir, synthetic_size, seed):
-    """The whole training set as (uint8 images (N, C, 32, 32), int64 labels (N,))."""
+def load_dataset(name, data_dir, synthetic_size, seed, train=True):
+    """The whole training (or test) set as (uint8 images (N, C, 32, 32), int64 labels (N,)). The
+    synthetic test set is a fifth as large, drawn with another seed."""
     if name == "synthetic":
-        return make_synthetic(synthetic_size, seed)
+        return (
+            make_synthetic(synthetic_size, seed)
+            if train
+            else make_synthetic(max(100, synthetic_size // 5), seed + 1)
+        )
     import torchvision
 
     try:
         if name == "cifar10":
-            ds = torchvision.datasets.CIFAR10(data_dir, train=True, download=True)
+            ds = torchvision.datasets.CIFAR10(data_dir, train=train, download=True)
             images = torch.from_numpy(ds.data).permute(0, 3, 1, 2)  # (50000, 3, 32, 32)
         else:
-            ds = torchvision.datasets.MNIST(data_dir, train=True, download=True)
+            ds = torchvision.datasets.MNIST(data_dir, train=train, download=True)
             images = F.pad(ds.data, (2, 2, 2, 2))[:, None]  # (60000, 1, 32, 32): 28x28 padded
     except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), corrupt archive
         fail(
@@ -765,7 +796,10 @@ def train_step(model, ema, optimizer, scheduler, scaler, ctx, x0, y, ema_decay, 
 def guided_eps(model, x, t, class_emb, null_emb, guidance_scale):
     """Classifier-free guidance (Ho & Salimans 2022): eps = eps_uncond + w (eps_cond - eps_uncond).
     w = 1 is the plain conditional prediction, w = 0 the unconditional one, w > 1 pushes samples
-    further towards the class. Both predictions come from ONE batched forward pass."""
+    further towards the class. Both predictions come from ONE batched forward pass (only the
+    conditional one at w = 1)."""
+    if guidance_scale == 1:
+        return model(x, t, class_emb=class_emb).float()
     B = x.shape[0]
     cond = torch.cat([class_emb, null_emb.expand(B, -1)])  # (2B, cond_dim): [cond; uncond]
     eps = model(torch.cat([x, x]), torch.cat([t, t]), class_emb=cond).float()  # (2B, C, H, W)
@@ -774,11 +808,14 @@ def guided_eps(model, x, t, class_emb, null_emb, guidance_scale):
 
 
 @torch.no_grad()
-def ddim_sample(model, class_emb, noise, guidance_scale, alphas_cumprod, steps, eta, ctx, seed=0):
+def ddim_sample(model, class_emb, noise, guidance_scale, alphas_cumprod, steps, eta, ctx, seed=0,
+                interval=(0.0, 1.0)):  # fmt: skip
     """DDIM (Song et al. 2020, eq. 12) with CFG, from x_{T-1} = noise down to x_0 on `steps`
     evenly spaced timesteps. class_emb: (B, cond_dim), e.g. model.class_emb(labels).
     eta = 0 is deterministic; eta = 1 adds DDPM's ancestral noise, drawn from a generator seeded
-    with `seed`, so that sampling never disturbs the training random stream."""
+    with `seed`, so that sampling never disturbs the training random stream. Guidance interval
+    (Kynkaanniemi et al. 2024): guide only while t / T lies in `interval`, use the conditional
+    prediction (w = 1) elsewhere."""
     generator = torch.Generator(noise.device).manual_seed(seed)
     null_emb = model.class_emb.weight[NULL_CLASS]  # (cond_dim,)
     T = len(alphas_cumprod)
@@ -788,8 +825,9 @@ def ddim_sample(model, class_emb, noise, guidance_scale, alphas_cumprod, steps, 
         a = alphas_cumprod[t]
         a_prev = alphas_cumprod[timesteps[i + 1]] if i + 1 < steps else torch.ones_like(a)
         t_batch = torch.full((x.shape[0],), t, device=x.device)
+        w = guidance_scale if interval[0] <= t / T <= interval[1] else 1.0
         with ctx:
-            eps = guided_eps(model, x, t_batch, class_emb, null_emb, guidance_scale)
+            eps = guided_eps(model, x, t_batch, class_emb, null_emb, w)
         # predicted clean image, clipped to the data range, and the noise consistent with it
         x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
         eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
@@ -866,6 +904,201 @@ def run_experiments(raw, ema, sample, args):
     plot_interpolation(ema, sample, names, f"{out}/interpolation.png", args.interp_pairs, w, seed)
     plot_ema_vs_raw(raw, ema, sample, names, f"{out}/ema_vs_raw.png", w, seed)
     print(f"wrote class_grid.png, guidance_sweep.png, interpolation.png, ema_vs_raw.png to {out}")
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: measured class fidelity
+# A small CNN trained on the real training set judges which class every sample shows. Accuracy
+# and confidence measure "did we get a cat"; the mean pairwise distance between the samples of one
+# class measures how varied the cats are. The `real` row scores the held-out test images: a judge
+# that cannot recognise them could not grade generated ones.
+
+
+class ConvBN(nn.Sequential):
+    def __init__(self, in_ch, out_ch):
+        super().__init__(
+            nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU()
+        )
+
+
+class Residual(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return x + self.fn(x)
+
+
+def build_classifier(in_channels):
+    """A small ResNet-style CNN (0.2M parameters) for 32x32 images."""
+    return nn.Sequential(
+        ConvBN(in_channels, 32), Residual(ConvBN(32, 32)), nn.MaxPool2d(2),  # (B, 32, H/2, W/2)
+        ConvBN(32, 64), Residual(ConvBN(64, 64)), nn.MaxPool2d(2),  # (B, 64, H/4, W/4)
+        ConvBN(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # (B, 128)
+        nn.Dropout(0.2), nn.Linear(128, NUM_CLASSES),  # (B, 10) logits
+    )  # fmt: skip
+
+
+def random_shift(x, generator, pixels=2):
+    """Augmentation: move each image (B, C, H, W) by up to `pixels` in x and y, filling with -1."""
+    B, _, H, W = x.shape
+    padded = F.pad(x, (pixels,) * 4, value=-1.0)
+    dy, dx = torch.randint(0, 2 * pixels + 1, (2, B), generator=generator).tolist()
+    return torch.stack([padded[i, :, dy[i] : dy[i] + H, dx[i] : dx[i] + W] for i in range(B)])
+
+
+def train_classifier(images, labels, epochs, seed, device, hflip=False, batch_size=128, lr=2e-3):
+    """AdamW with a one-cycle lr schedule on uint8 images (N, C, H, W), randomly shifted (and
+    flipped, for CIFAR-10)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the initial weights and dropout masks
+    classifier = build_classifier(images.shape[1]).to(device)
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr, weight_decay=1e-4)
+    total = epochs * math.ceil(len(images) / batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=total)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(images), generator=g).split(batch_size):
+            x = random_shift(images[idx].float() / 127.5 - 1, g)
+            if hflip:
+                x = torch.where(torch.rand(len(x), 1, 1, 1, generator=g) < 0.5, x.flip(3), x)
+            x = x.to(device)
+            loss = F.cross_entropy(classifier(x), labels[idx].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return classifier.eval()
+
+
+def get_classifier(path, trained_from, images, labels, epochs, seed, device, hflip=False):
+    """The classifier cached at `path` if it was trained from exactly `trained_from` (dataset,
+    data folder, size, seed and epochs), else a new one, cached there."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
+        state = None  # missing or unreadable: train a new one
+    if isinstance(state, dict) and state.get("trained_from") == trained_from:
+        classifier = build_classifier(images.shape[1]).to(device)
+        classifier.load_state_dict(state["model"])
+        print(f"classifier: {path}")
+        return classifier.eval()
+    t0 = time.time()
+    classifier = train_classifier(images, labels, epochs, seed, device, hflip)
+    save_checkpoint({"trained_from": trained_from, "model": classifier.state_dict()}, path)
+    print(f"classifier: trained {epochs} epochs in {time.time() - t0:.0f} s, saved to {path}")
+    return classifier
+
+
+@torch.no_grad()
+def classify(classifier, images, device, batch_size=1000):
+    """Class probabilities (N, 10), on the CPU, of images in [-1, 1]."""
+    probs = [classifier(images[i : i + batch_size].to(device)).float().softmax(-1).cpu()
+             for i in range(0, len(images), batch_size)]  # fmt: skip
+    return torch.cat(probs)
+
+
+def mean_pairwise_distance(images):
+    """Mean L2 distance over all pairs of distinct images (N, C, H, W), in [-1, 1] pixel units."""
+    flat = images.flatten(1).double()  # (N, C*H*W)
+    n = len(flat)
+    return (torch.cdist(flat, flat).sum() / (n * (n - 1))).item()
+
+
+def fidelity(classifier, images, labels, device):
+    """accuracy: fraction classified as the requested class; confidence: mean probability of the
+    requested class; diversity: mean pairwise distance within a class, averaged over classes;
+    per_class: the accuracy of each class."""
+    probs = classify(classifier, images, device)  # (N, 10)
+    hit = (probs.argmax(1) == labels).float()  # (N,)
+    classes = [c for c in range(NUM_CLASSES) if (labels == c).sum() >= 2]
+    return {
+        "accuracy": hit.mean().item(),
+        "confidence": probs[torch.arange(len(labels)), labels].mean().item(),
+        "diversity": statistics.mean(mean_pairwise_distance(images[labels == c]) for c in classes),
+        "per_class": [hit[labels == c].mean().item() for c in range(NUM_CLASSES)],
+    }
+
+
+def evaluate(model, sample, classifier, test_set, scales, interval, per_class, seed):
+    """The --eval table: a `real` row for up to per_class test images of each class, one row per
+    guidance scale w on the whole path, and one per w > 1 guided only in `interval`. Every row
+    starts from the same noise, so the rows differ only by the guidance."""
+    model.eval()
+    device = next(model.parameters()).device
+    images, labels = test_set
+    real = torch.cat([(labels == c).nonzero()[:per_class, 0] for c in range(NUM_CLASSES)])
+    real_row = fidelity(classifier, images[real].float() / 127.5 - 1, labels[real], device)
+    rows = [{"w": "real", "interval": None, **real_row}]
+    y = torch.arange(NUM_CLASSES).repeat_interleave(per_class)  # (10 * per_class,)
+    noise = fixed_noise(len(y), images.shape[1], "cpu", seed)
+    settings = [(w, None) for w in scales] + [(w, interval) for w in scales if w > 1]
+    for w, where in settings:
+        kwargs = {} if where is None else {"interval": where}
+        samples = torch.cat([
+            sample(model, model.class_emb(y[i : i + 500].to(device)),
+                   noise[i : i + 500].to(device), w, seed=seed, **kwargs).cpu()
+            for i in range(0, len(y), 500)
+        ])  # fmt: skip
+        rows.append({"w": w, "interval": where, **fidelity(classifier, samples, y, device)})
+    return rows
+
+
+def row_label(row):
+    w = row["w"] if row["w"] == "real" else f"{row['w']:g}"
+    return (
+        w if row["interval"] is None else f"{w} in [{row['interval'][0]:g}, {row['interval'][1]:g}]"
+    )
+
+
+def report_eval(rows, class_names, out_dir):
+    """Print the table and the per-class accuracies; write eval.csv, eval_per_class.csv, eval.png
+    (accuracy and diversity against w) and eval_per_class.png (which classes guidance helps)."""
+    print(f"{'w':>16} {'accuracy':>9} {'confidence':>11} {'diversity':>10}")
+    for r in rows:
+        print(f"{row_label(r):>16} {r['accuracy']:9.3f} {r['confidence']:11.3f} "
+              f"{r['diversity']:10.2f}")  # fmt: skip
+    print("accuracy per class:\n" + f"{'w':>16} " + " ".join(f"{n[:7]:>7}" for n in class_names))
+    for r in rows:
+        print(f"{row_label(r):>16} " + " ".join(f"{a:7.2f}" for a in r["per_class"]))
+    with open(os.path.join(out_dir, "eval.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["w", "interval", "accuracy", "confidence", "diversity"])
+        for r in rows:
+            where = "" if r["interval"] is None else "{:g}-{:g}".format(*r["interval"])
+            writer.writerow([r["w"], where, r["accuracy"], r["confidence"], r["diversity"]])
+    with open(os.path.join(out_dir, "eval_per_class.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["row", *class_names])
+        writer.writerows([row_label(r), *r["per_class"]] for r in rows)
+
+    plt = pyplot()
+    real, full = rows[0], [r for r in rows[1:] if r["interval"] is None]
+    limited = [r for r in rows[1:] if r["interval"] is not None]
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4))
+    for part, style, name in ((full, "o-", "whole path"), (limited, "s--", "interval")):
+        if part:
+            label = name if part is full else row_label(part[0]).split(" ", 1)[1]
+            ax0.plot([r["w"] for r in part], [r["accuracy"] for r in part], style, label=label)
+            ax1.plot([r["w"] for r in part], [r["diversity"] for r in part], style, label=label)
+    ax0.axhline(real["accuracy"], ls=":", c="k", label="real test images")
+    ax1.axhline(real["diversity"], ls=":", c="k", label="real test images")
+    ax0.set(xlabel="guidance scale w", ylabel="classified as requested", ylim=(0, 1.02),
+            title="Class fidelity vs guidance")  # fmt: skip
+    ax1.set(xlabel="guidance scale w", ylabel="mean pairwise L2 within a class",
+            title="Diversity vs guidance")  # fmt: skip
+    ax0.legend()
+    ax1.legend()
+    fig.savefig(os.path.join(out_dir, "eval.png"), dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for c, name in enumerate(class_names):
+        ax.plot([r["w"] for r in full], [r["per_class"][c] for r in full], "o-", label=name)
+    ax.set(xlabel="guidance scale w (whole path)", ylabel="classified as requested",
+           ylim=(0, 1.02), title="Which classes does guidance help most?")  # fmt: skip
+    ax.legend(fontsize=7, ncol=2)
+    fig.savefig(os.path.join(out_dir, "eval_per_class.png"), dpi=150, bbox_inches="tight")
+    plt.close(fig)
 
 
 # -----------------------------------------------------------------------------
@@ -1006,10 +1239,10 @@ def main(argv=None):
         return benchmark(args, device)
     ctx = autocast_context(device, dtype)
     ckpt_path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
-    check_output_paths(args.out_dir, ckpt_path, writes_ckpt=not args.sample_only)
+    check_output_paths(args.out_dir, ckpt_path, writes_ckpt=not (args.sample_only or args.eval))
     alphas_cumprod = make_alphas_cumprod(args.schedule, args.timesteps).to(device)
     sample = partial(ddim_sample, alphas_cumprod=alphas_cumprod, steps=args.sample_steps,
-                     eta=args.eta, ctx=ctx)  # fmt: skip
+                     eta=args.eta, ctx=ctx, interval=args.guidance_interval)  # fmt: skip
 
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     torch.manual_seed(args.seed)  # the same initial weights, and so the same EMA, on every rank
@@ -1022,12 +1255,29 @@ def main(argv=None):
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {device}, "
             f"{dtype}, {world_size} process(es)"
         )
-    if args.sample_only:
+    if args.sample_only or args.eval:
         ckpt = load_checkpoint(ckpt_path, args)
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
-        if master:
+        if master and args.sample_only:
             run_experiments(model, sampler, sample, args)
+        if master and args.eval:
+            data = [load_dataset(args.dataset, args.data_dir, args.synthetic_size, args.seed, train)
+                    for train in (True, False)]  # fmt: skip
+            trained_from = {
+                key: getattr(args, key)
+                for key in ("dataset", "data_dir", "synthetic_size", "seed", "classifier_epochs")
+            }
+            path = os.path.join(args.out_dir, "classifier.pt")
+            flip = args.dataset == "cifar10"  # augmentation of the classifier's training
+            classifier = get_classifier(path, trained_from, *data[0], args.classifier_epochs,
+                                        args.seed, device, flip)  # fmt: skip
+            t0 = time.time()
+            rows = evaluate(sampler, sample, classifier, data[1], args.eval_scales,
+                            args.eval_interval, args.eval_per_class, args.seed)  # fmt: skip
+            print(f"class fidelity: {args.eval_per_class} samples per class and row, "
+                  f"{args.sample_steps} DDIM steps, {time.time() - t0:.0f} s")  # fmt: skip
+            report_eval(rows, CLASS_NAMES[args.dataset], args.out_dir)
         return model
 
     if world_size > 1 and rank > 0:
