@@ -13,22 +13,23 @@ Papers:
   ADM            Dhariwal & Nichol 2021 (AdaGN)   https://arxiv.org/abs/2105.05233
   DDIM           Song, Meng & Ermon 2020          https://arxiv.org/abs/2010.02502
   CFG            Ho & Salimans 2022               https://arxiv.org/abs/2207.12598
+  CFG interval   Kynkaanniemi et al. 2024         https://arxiv.org/abs/2404.07724
 
 Commands:
   python ddpm_cifar_cfg.py --epochs 50                        # train on one GPU, then experiments
   torchrun --standalone --nproc_per_node=4 ddpm_cifar_cfg.py  # the same on 4 GPUs
   python ddpm_cifar_cfg.py --resume                           # continue from out/ddpm_cifar/ckpt.pt
   python ddpm_cifar_cfg.py --sample-only                      # experiments from that checkpoint
+  python ddpm_cifar_cfg.py --eval                             # class-fidelity table from it
   python ddpm_cifar_cfg.py --bench --compile                  # speed table: fast vs plain path
-  python ddpm_cifar_cfg.py --dataset synthetic --base-ch 32 --batch-size 32 --max-steps 100 \
+  python ddpm_cifar_cfg.py --dataset synthetic --base-ch 32 --batch-size 32 --max-steps 100 \\
       --sample-steps 20 --device cpu                         # offline CPU smoke run
 
-Outputs (in --out-dir): ckpt.pt, loss.png, samples_epochNNN.png previews, and the experiments
-class_grid.png, guidance_sweep.png, interpolation.png, ema_vs_raw.png.
+Outputs (in --out-dir): ckpt.pt, loss.png, samples_epochNNN.png previews, the experiments
+class_grid.png, guidance_sweep.png, interpolation.png, ema_vs_raw.png; --eval adds classifier.pt,
+eval.csv, eval_per_class.csv, eval.png.
 
-Measured so far (README.md has the commands): a 0.19M-parameter CPU sanity run on the synthetic
-data, 1,500 steps in 16 minutes on a shared 2-core CPU, draws each class in its colour, and CFG
-visibly sharpens colour and shape. GPU figures (CIFAR-10 quality, epoch time) are not measured yet.
+Measured so far (README.md has the commands): see README.
 
 Left out on purpose: FID evaluation, learned variances (Improved DDPM), v-prediction, EDM-style
 preconditioning, latent diffusion. Each would hide the lesson under machinery.
@@ -47,6 +48,7 @@ import sys
 import tempfile
 import time
 from functools import partial
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -66,372 +68,15 @@ CLASS_NAMES = {
         f"{c} {s}" for c in ("red", "blue") for s in "disk square ring cross stripes".split()
     ],
 }
-# Flags that fix the network's shapes or the meaning of t: a checkpoint only loads if they match.
-ARCH_FLAGS = (
-    "dataset base_ch ch_mult num_res_blocks attn_res attn_heads cond_dim schedule timesteps"
-)
+# The flags that fix the network and the meaning of t. A checkpoint stores them (as nanoGPT stores
+# model_args): --sample-only, --eval and --resume take them from it.
+MODEL_ARGS = (
+    "dataset base_ch ch_mult num_res_blocks attn_res attn_heads cond_dim dropout schedule timesteps"
+).split()
+CHECKPOINT_PARTS = ("model", "ema", "optimizer", "scheduler", "scaler")  # with state_dict()s
 
 # -----------------------------------------------------------------------------
-# Config
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of the whole usage block, exit code 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def checked(convert, is_valid, expected):
-    """An argparse `type`: convert the text, then validate it, so that a bad value gets a one-line
-    error naming the flag, before any data or model is touched."""
-
-    def parse(text):
-        try:
-            value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or not is_valid(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
-
-    return parse
-
-
-def split(text, convert):
-    return [convert(v) for v in text.split(",")]
-
-
-positive_int = checked(int, lambda v: v > 0, "a positive integer")
-nonnegative_int = checked(int, lambda v: v >= 0, "an integer >= 0")
-positive_float = checked(float, lambda v: 0 < v < math.inf, "a positive number")
-nonnegative_float = checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
-probability = checked(float, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
-unit_float = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
-int_list = checked(
-    partial(split, convert=int), lambda v: min(v) > 0, "positive integers like 1,2,2"
-)
-interval_pair = checked(  # "0.2,0.8" -> (0.2, 0.8)
-    lambda text: tuple(split(text, float)),
-    lambda v: len(v) == 2 and 0 <= v[0] < v[1] <= 1,
-    "two numbers LO,HI with 0 <= LO < HI <= 1, like 0.2,0.8",
-)
-float_list = checked(partial(split, convert=float), lambda v: 0 <= min(v) <= max(v) < math.inf,
-                     "numbers >= 0 like 1,2,4")  # fmt: skip
-class_pairs = checked(  # "3-5,0-8" -> [(3, 5), (0, 8)]
-    lambda text: [tuple(int(c) for c in pair.split("-")) for pair in text.split(",")],
-    lambda v: all(len(p) == 2 and 0 <= min(p) <= max(p) < NUM_CLASSES for p in v),
-    f"pairs of class labels in 0..{NUM_CLASSES - 1} like 3-5,0-8",
-)
-
-
-def get_args(argv=None):
-    p = ArgumentParser(
-        prog=f"{SCRIPT}.py",
-        description="Class-conditional DDPM with classifier-free guidance.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    # fmt: off
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="cifar10", choices=("cifar10", "mnist", "synthetic"),
-                   help="cifar10 (32x32 RGB), mnist (padded to 32x32, 1 channel) or synthetic "
-                        "(coloured shapes generated in memory: no download)")
-    g.add_argument("--data-dir", default="data", help="where torchvision finds or downloads data")
-    g.add_argument("--synthetic-size", type=positive_int, default=10000,
-                   help="number of images in --dataset synthetic")
-    g = p.add_argument_group("model")
-    g.add_argument("--base-ch", type=positive_int, default=128, help="channels at 32x32 (even)")
-    g.add_argument("--ch-mult", type=int_list, default=[1, 2, 2],
-                   help="channel multiplier per resolution: 32 -> 16 -> 8 for three levels")
-    g.add_argument("--num-res-blocks", type=positive_int, default=2,
-                   help="residual blocks per resolution on the way down")
-    g.add_argument("--attn-res", type=int_list, default=[8],
-                   help="resolutions (pixels) with self-attention after each residual block")
-    g.add_argument("--attn-heads", type=positive_int, default=4, help="self-attention heads")
-    g.add_argument("--cond-dim", type=positive_int, default=256,
-                   help="width of the conditioning vector (time + class embedding)")
-    g.add_argument("--dropout", type=probability, default=0.1, help="dropout in residual blocks")
-    g = p.add_argument_group("diffusion")
-    g.add_argument("--schedule", default="cosine", choices=("cosine", "linear"),
-                   help="beta schedule: cosine (Nichol & Dhariwal) or linear (Ho et al.)")
-    g.add_argument("--timesteps", type=positive_int, default=1000, help="diffusion steps T")
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=positive_int, default=50, help="passes over the training set")
-    g.add_argument("--max-steps", type=positive_int, default=None,
-                   help="stop after this many optimizer steps in all (smoke runs); the lr "
-                        "schedule still spans --epochs")
-    g.add_argument("--batch-size", type=positive_int, default=128,
-                   help="global batch size, split evenly over torchrun ranks")
-    g.add_argument("--lr", type=positive_float, default=2e-4, help="peak AdamW learning rate")
-    g.add_argument("--weight-decay", type=nonnegative_float, default=1e-4, help="AdamW decay")
-    g.add_argument("--warmup-steps", type=nonnegative_int, default=1000,
-                   help="steps of linear lr warm-up before the cosine decay")
-    g.add_argument("--grad-clip", type=positive_float, default=1.0, help="max gradient norm")
-    g.add_argument("--p-uncond", type=probability, default=0.15,
-                   help="probability of replacing a label by the null class (CFG training)")
-    g.add_argument("--ema-decay", type=probability, default=0.9999, help="EMA decay of weights")
-    g.add_argument("--log-every", type=positive_int, default=50,
-                   help="steps between loss checks and progress-bar updates")
-    g.add_argument("--save-every", type=positive_int, default=1, help="epochs between checkpoints")
-    g.add_argument("--sample-every", type=positive_int, default=5,
-                   help="epochs between preview grids")
-    g.add_argument("--resume", action="store_true",
-                   help="continue from --ckpt, or from ckpt.pt in --out-dir")
-    g = p.add_argument_group("sampling and experiments")
-    g.add_argument("--guidance-scale", type=nonnegative_float, default=4.0,
-                   help="CFG scale w: 0 unconditional, 1 conditional, >1 guided")
-    g.add_argument("--sample-steps", type=positive_int, default=50, help="DDIM steps")
-    g.add_argument("--guidance-interval", type=interval_pair, default=(0.0, 1.0), metavar="LO,HI",
-                   help="guide only while t / T is in [LO, HI] (Kynkaanniemi et al. 2024; t = T "
-                        "is noise), conditional elsewhere; 0,1 = the whole chain")
-    g.add_argument("--eta", type=unit_float, default=0.0,
-                   help="DDIM noise in [0, 1]: 0 deterministic, 1 DDPM-like")
-    g.add_argument("--guidance-scales", type=float_list, default=[1, 2, 4, 6, 8, 10],
-                   help="scales w for guidance_sweep.png")
-    g.add_argument("--interp-pairs", type=class_pairs, default=[(3, 5), (0, 8), (1, 9), (2, 0)],
-                   help="class pairs a-b for interpolation.png (CIFAR: cat->dog, "
-                        "airplane->ship, automobile->truck, bird->airplane)")
-    g.add_argument("--grid-rows", type=positive_int, default=10,
-                   help="samples per class in class_grid.png")
-    g.add_argument("--sample-only", action="store_true",
-                   help="no training: run the experiments from --ckpt (or --out-dir/ckpt.pt)")
-    g.add_argument("--ckpt", default=None,
-                   help="checkpoint for --sample-only, --eval and --resume "
-                        "(default: --out-dir/ckpt.pt)")
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--eval", action="store_true",
-                   help="no training: load --ckpt, score samples with a classifier, write eval.csv")
-    g.add_argument("--eval-per-class", type=positive_int, default=100,
-                   help="generated samples per class and per table row in --eval (at least 2)")
-    g.add_argument("--eval-scales", type=float_list, default=[0, 1, 2, 3, 4, 6],
-                   help="comma-separated guidance scales w scored by --eval")
-    g.add_argument("--eval-interval", type=interval_pair, default=(0.0, 0.7), metavar="LO,HI",
-                   help="guidance interval of the table's extra rows (one per w > 1)")
-    g.add_argument("--classifier-epochs", type=positive_int, default=10,
-                   help="epochs of the eval classifier (cached in OUT_DIR/classifier.pt)")
-    g = p.add_argument_group("system")
-    g.add_argument("--out-dir", default="out/ddpm_cifar", help="checkpoints and figures go here")
-    g.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
-                   help="auto picks cuda > mps > cpu")
-    g.add_argument("--seed", type=nonnegative_int, default=0, help="random seed")
-    g.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
-                   help="autocast precision; auto = bf16 on CUDA where supported, else fp32")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="NHWC memory format for the convolutions (faster on tensor cores)")
-    g.add_argument("--bench", action="store_true",
-                   help="time training and sampling, fast vs plain configuration, then exit")
-    g.add_argument("--bench-steps", type=positive_int, default=20,
-                   help="timed training steps per variant and repetition in --bench")
-    g.add_argument("--bench-samples", type=positive_int, default=256,
-                   help="images per timed CFG sampling run in --bench")
-    # fmt: on
-    args = p.parse_args(argv)
-
-    # checks that involve several flags, still before any data or model is touched
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if args.batch_size % world_size:
-        p.error(f"--batch-size {args.batch_size} is not divisible by the {world_size} ranks")
-    if args.base_ch % 2:
-        p.error(f"--base-ch must be even (sinusoidal time embedding), got {args.base_ch}")
-    if IMAGE_SIZE % 2 ** (len(args.ch_mult) - 1):
-        p.error(f"--ch-mult has too many levels for {IMAGE_SIZE}x{IMAGE_SIZE} images")
-    resolutions = [IMAGE_SIZE // 2**i for i in range(len(args.ch_mult))]
-    for res in args.attn_res:
-        if res not in resolutions:
-            p.error(f"--attn-res {res} is not one of the U-Net resolutions {resolutions}")
-        level_ch = args.base_ch * args.ch_mult[resolutions.index(res)]
-        if level_ch % args.attn_heads:
-            p.error(f"--attn-heads {args.attn_heads} does not divide {level_ch} channels at {res}")
-    if args.base_ch * args.ch_mult[-1] % args.attn_heads:
-        p.error(f"--attn-heads {args.attn_heads} does not divide the middle block's channels")
-    if args.sample_steps > args.timesteps:
-        p.error(f"--sample-steps {args.sample_steps} exceeds --timesteps {args.timesteps}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda, but no CUDA device is visible (try --device cpu)")
-    if args.device == "mps" and not torch.backends.mps.is_available():
-        p.error("--device mps, but MPS is not available (try --device cpu)")
-    if args.eval_per_class < 2:
-        p.error("--eval-per-class must be at least 2 (diversity is a pairwise distance)")
-    if args.resume + args.bench + (args.sample_only or args.eval) > 1:
-        p.error("choose one of --resume, --bench and --sample-only/--eval")
-    if args.bench and world_size > 1:
-        p.error("--bench runs in one process: start it with python, not torchrun")
-    return args
-
-
-# -----------------------------------------------------------------------------
-# Utilities
-
-
-def fail(message, code=2):
-    """Exit with one clear line instead of a traceback (bad checkpoint, missing data)."""
-    print(f"{SCRIPT}.py: error: {message}", file=sys.stderr)
-    raise SystemExit(code)
-
-
-def resolve_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    return torch.device(name)
-
-
-def resolve_dtype(name, device):
-    if name == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        name = "bf16" if cuda_bf16 else "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
-def autocast_context(device, dtype):
-    """bf16/fp16 autocast: convs and matmuls in half precision, norms, softmax and the loss in fp32.
-    With fp32 it is a no-op, so one `with ctx:` serves every precision."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def set_matmul_precision(dtype):
-    """TF32 tensor cores for the fp32 matmuls that autocast leaves, only when mixed precision is on,
-    so that --dtype fp32 stays true fp32."""
-    torch.set_float32_matmul_precision("highest" if dtype == torch.float32 else "high")
-
-
-def check_output_paths(out_dir, ckpt_path, writes_ckpt):
-    """Fail now, with one line, if the figures or the checkpoint could not be written later: an
-    --out-dir that is a file or read-only, or a --ckpt in a folder that does not exist."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        fail(f"--out-dir {out_dir} is a file, not a folder")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        fail(f"cannot create --out-dir {out_dir} ({e.strerror})")
-    folders = [out_dir]
-    if writes_ckpt:
-        folders.append(os.path.dirname(ckpt_path) or ".")
-        if not os.path.isdir(folders[-1]):
-            fail(f"--ckpt {ckpt_path}: the folder {folders[-1]} does not exist")
-    for folder in folders:
-        try:
-            with tempfile.TemporaryFile(dir=folder):  # a probe: can we create files there?
-                pass
-        except OSError as e:
-            fail(f"cannot write to {folder} ({e.strerror})")
-
-
-def seed_step(seed, rank, step):
-    """Seed the draws of one training step (t, noise, label dropout, flips, dropout masks) from
-    (seed, rank, step) alone: a resumed run continues exactly, with no random state to save."""
-    torch.manual_seed(hash((seed, rank, step)))
-
-
-def setup_distributed(device_name):
-    """DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python` is one process.
-    Returns (rank, world_size, device)."""
-    device = resolve_device(device_name)
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-class StopSignal:
-    """Ctrl-C (SIGINT) or SIGTERM (torchrun, schedulers) sets a flag, so the training loop can save
-    a checkpoint and exit cleanly at the next step. A second Ctrl-C aborts at once."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-def save_checkpoint(state, path):
-    """Atomic save: write a temporary file in the same folder, then rename it over the old one.
-    A crash or kill during torch.save leaves the previous checkpoint untouched."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, args):
-    """Load a checkpoint of this script and check that its architecture flags match this run."""
-    if not os.path.isfile(path):
-        fail(f"no checkpoint at {path}; train first, or point --ckpt at one")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, wrong format, pickled code: all mean "not loadable"
-        fail(f"{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
-        fail(f"{path} was not written by {SCRIPT}.py")
-    for key in ARCH_FLAGS.split():
-        saved, ours = ckpt["args"][key], getattr(args, key)
-        if saved != ours:
-            flag = "--" + key.replace("_", "-")
-            value = ",".join(map(str, saved)) if isinstance(saved, list) else saved
-            fail(
-                f"{path} was trained with {flag} {value}, this run has {ours}; pass {flag} {value}"
-            )
-    return ckpt
-
-
-def pyplot():
-    """matplotlib is imported only when a figure is drawn, so importing the script stays fast."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_image_grid(images, path, nrow, title, col_labels=None, row_labels=None):
-    """Save (nrow * ncol, C, H, W) images in [-1, 1], laid out row by row, as a labelled PNG."""
-    plt = pyplot()
-    n, c, h, w = images.shape
-    ncol = n // nrow
-    x = F.pad((images.float().cpu().clamp(-1, 1) + 1) / 2, (1, 1, 1, 1), value=1.0)
-    h, w = h + 2, w + 2  # with a one-pixel white frame
-    x = x.view(nrow, ncol, c, h, w).permute(0, 3, 1, 4, 2).reshape(nrow * h, ncol * w, c)
-    fig, ax = plt.subplots(figsize=(1 + 0.8 * ncol, 0.8 + 0.8 * nrow))
-    ax.imshow(x.squeeze(-1).numpy(), cmap="gray" if c == 1 else None, vmin=0, vmax=1)
-    ax.set_xticks([w * (i + 0.5) for i in range(ncol)] if col_labels else [])
-    ax.set_xticklabels(col_labels or [], rotation=45, ha="right", fontsize=8)
-    ax.set_yticks([h * (i + 0.5) for i in range(nrow)] if row_labels else [])
-    ax.set_yticklabels(row_labels or [], fontsize=8)
-    ax.set_title(title, fontsize=10)
-    fig.savefig(path, dpi=150, bbox_inches="tight")
-    plt.close(fig)
-
-
-def save_loss_curve(losses, path, title):
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(losses, lw=0.5, alpha=0.4, label="per step")
-    window = max(1, len(losses) // 50)
-    smooth = torch.tensor(losses).unfold(0, window, 1).mean(1)
-    ax.plot(range(window - 1, len(losses)), smooth, label=f"mean of {window} steps")
-    ax.set(xlabel="step", ylabel="loss", yscale="log", title=title)
-    ax.legend()
-    fig.savefig(path, dpi=150, bbox_inches="tight")
-    plt.close(fig)
-
-
-# -----------------------------------------------------------------------------
-# Noise schedule
+# Diffusion: noise schedule, forward process and the loss with label dropout
 # Time convention: t is an integer in [0, T). t = 0 is the first, smallest noising step and
 # t = T-1 is (almost) pure noise. Training draws t uniformly from [0, T); sampling walks from
 # T-1 down to 0. The same range on both sides.
@@ -455,6 +100,67 @@ def q_sample(alphas_cumprod, x0, t, noise):
     """Forward process, Ho et al. eq. 4: x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps."""
     a = alphas_cumprod[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def diffusion_loss(model, x0, y, alphas_cumprod, p_uncond):
+    """Noise-prediction MSE (Ho et al. Algorithm 1) with label dropout for CFG."""
+    B = x0.shape[0]
+    # classifier-free guidance: the null class replaces a random p_uncond share of the labels, so
+    # the same network also learns the unconditional noise prediction
+    y = torch.where(torch.rand(B, device=y.device) < p_uncond, NULL_CLASS, y)
+    t = torch.randint(0, len(alphas_cumprod), (B,), device=x0.device)
+    noise = torch.randn(x0.shape, device=x0.device)  # NCHW draw: same noise in any memory format
+    eps = model(q_sample(alphas_cumprod, x0, t, noise), t, y)
+    return F.mse_loss(eps.float(), noise)
+
+
+# -----------------------------------------------------------------------------
+# Sampling: classifier-free guidance and DDIM
+
+
+def guided_eps(model, x, t, class_emb, null_emb, guidance_scale):
+    """Classifier-free guidance (Ho & Salimans 2022): eps = eps_uncond + w (eps_cond - eps_uncond).
+    w = 1 is the plain conditional prediction, w = 0 the unconditional one, w > 1 pushes samples
+    further towards the class. Both predictions come from ONE batched forward pass (only the
+    conditional one at w = 1)."""
+    if guidance_scale == 1:
+        return model(x, t, class_emb=class_emb).float()
+    B = x.shape[0]
+    cond = torch.cat([class_emb, null_emb.expand(B, -1)])  # (2B, cond_dim): [cond; uncond]
+    eps = model(torch.cat([x, x]), torch.cat([t, t]), class_emb=cond).float()  # (2B, C, H, W)
+    eps_cond, eps_uncond = eps.chunk(2)
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+@torch.no_grad()
+def ddim_sample(
+    model, class_emb, noise, w, alphas_cumprod, steps, eta=0.0, interval=(0, 1), seed=0
+):
+    """DDIM (Song et al. 2020, eq. 12) with CFG at scale w, from x_{T-1} = noise down to x_0 on
+    `steps` evenly spaced timesteps. class_emb: (B, cond_dim), e.g. model.class_emb(labels).
+    eta = 0 is deterministic; eta = 1 adds DDPM's ancestral noise, drawn from a generator seeded
+    with `seed`, so that sampling never disturbs the training random stream. Guidance interval
+    (Kynkaanniemi et al. 2024): guide only while t / T lies in `interval`, use the conditional
+    prediction (w = 1) elsewhere. Callers run it under the autocast context."""
+    generator = torch.Generator(noise.device).manual_seed(seed)
+    null_emb = model.class_emb.weight[NULL_CLASS]  # (cond_dim,)
+    T = len(alphas_cumprod)
+    timesteps = torch.linspace(T - 1, 0, steps).round().long().tolist()
+    x = noise
+    for i, t in enumerate(timesteps):
+        a = alphas_cumprod[t]
+        a_prev = alphas_cumprod[timesteps[i + 1]] if i + 1 < steps else torch.ones_like(a)
+        t_batch = torch.full((x.shape[0],), t, device=x.device)
+        w_t = w if interval[0] <= t / T <= interval[1] else 1.0
+        eps = guided_eps(model, x, t_batch, class_emb, null_emb, w_t)
+        # predicted clean image, clipped to the data range, and the noise consistent with it
+        x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        # x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z
+        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+        z = torch.randn(x.shape, device=x.device, generator=generator)
+        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps + sigma * z
+    return x
 
 
 # -----------------------------------------------------------------------------
@@ -556,18 +262,8 @@ class UNet(nn.Module):
     """Noise predictor eps_theta(x_t, t, class): a U-Net 32 -> 16 -> 8 -> 16 -> 32 with skip
     connections, conditioned on one vector cond = time embedding + class embedding."""
 
-    def __init__(
-        self,
-        in_ch=3,
-        base_ch=128,
-        ch_mult=(1, 2, 2),
-        num_res_blocks=2,
-        attn_res=(8,),
-        attn_heads=4,
-        cond_dim=256,
-        dropout=0.1,
-        image_size=IMAGE_SIZE,
-    ):
+    def __init__(self, in_ch=3, base_ch=128, ch_mult=(1, 2, 2), num_res_blocks=2, attn_res=(8,),
+                 attn_heads=4, cond_dim=256, dropout=0.1, image_size=IMAGE_SIZE):  # fmt: skip
         super().__init__()
         self.base_ch = base_ch
         self.time_mlp = nn.Sequential(
@@ -639,16 +335,9 @@ class UNet(nn.Module):
 
 
 def build_model(args):
-    return UNet(
-        in_ch=1 if args.dataset == "mnist" else 3,
-        base_ch=args.base_ch,
-        ch_mult=tuple(args.ch_mult),
-        num_res_blocks=args.num_res_blocks,
-        attn_res=tuple(args.attn_res),
-        attn_heads=args.attn_heads,
-        cond_dim=args.cond_dim,
-        dropout=args.dropout,
-    )
+    return UNet(1 if args.dataset == "mnist" else 3, args.base_ch, tuple(args.ch_mult),
+                args.num_res_blocks, tuple(args.attn_res), args.attn_heads, args.cond_dim,
+                args.dropout)  # fmt: skip
 
 
 # -----------------------------------------------------------------------------
@@ -732,113 +421,6 @@ def get_batch(images, labels, idx, hflip, memory_format):
 
 
 # -----------------------------------------------------------------------------
-# Training
-
-
-def diffusion_loss(model, x0, y, alphas_cumprod, p_uncond):
-    """Noise-prediction MSE (Ho et al. Algorithm 1) with label dropout for CFG."""
-    B = x0.shape[0]
-    # classifier-free guidance: the null class replaces a random p_uncond share of the labels, so
-    # the same network also learns the unconditional noise prediction
-    y = torch.where(torch.rand(B, device=y.device) < p_uncond, NULL_CLASS, y)
-    t = torch.randint(0, len(alphas_cumprod), (B,), device=x0.device)
-    noise = torch.randn(x0.shape, device=x0.device)  # NCHW draw: same noise in any memory format
-    eps = model(q_sample(alphas_cumprod, x0, t, noise), t, y)
-    return F.mse_loss(eps.float(), noise)
-
-
-def warmup_cosine(step, warmup_steps, total_steps):
-    """lr multiplier: linear warm-up from 0 to 1, then cosine decay to 0 at total_steps."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return 0.5 * (1 + math.cos(math.pi * progress))
-
-
-@torch.no_grad()
-def update_ema(ema, model, decay):
-    """ema = decay * ema + (1 - decay) * model, for all tensors in one multi-tensor kernel."""
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-
-
-def ema_decay_at(step, decay):
-    """EMA warm-up: early on the average would be stuck near the random init, so the effective
-    decay grows as (1 + step) / (10 + step) until it reaches the configured value."""
-    return min(decay, (1 + step) / (10 + step))
-
-
-def make_optimizer(model, lr, weight_decay, device):
-    # fused AdamW: one kernel for the whole update instead of several per parameter tensor
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(model.parameters(), lr, weight_decay=weight_decay, fused=fused)
-
-
-def train_step(model, ema, optimizer, scheduler, scaler, ctx, x0, y, ema_decay, grad_clip, loss_fn):
-    """loss -> backward -> clip -> AdamW -> lr schedule -> EMA. Returns the loss without syncing
-    (no .item()), so the GPU can run ahead of Python."""
-    with ctx:
-        loss = loss_fn(model, x0, y)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()  # the scaler is a no-op except with --dtype fp16
-    scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
-    update_ema(ema, model, ema_decay)
-    return loss.detach()
-
-
-# -----------------------------------------------------------------------------
-# Sampling
-
-
-def guided_eps(model, x, t, class_emb, null_emb, guidance_scale):
-    """Classifier-free guidance (Ho & Salimans 2022): eps = eps_uncond + w (eps_cond - eps_uncond).
-    w = 1 is the plain conditional prediction, w = 0 the unconditional one, w > 1 pushes samples
-    further towards the class. Both predictions come from ONE batched forward pass (only the
-    conditional one at w = 1)."""
-    if guidance_scale == 1:
-        return model(x, t, class_emb=class_emb).float()
-    B = x.shape[0]
-    cond = torch.cat([class_emb, null_emb.expand(B, -1)])  # (2B, cond_dim): [cond; uncond]
-    eps = model(torch.cat([x, x]), torch.cat([t, t]), class_emb=cond).float()  # (2B, C, H, W)
-    eps_cond, eps_uncond = eps.chunk(2)
-    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-
-
-@torch.no_grad()
-def ddim_sample(model, class_emb, noise, guidance_scale, alphas_cumprod, steps, eta, ctx, seed=0,
-                interval=(0.0, 1.0)):  # fmt: skip
-    """DDIM (Song et al. 2020, eq. 12) with CFG, from x_{T-1} = noise down to x_0 on `steps`
-    evenly spaced timesteps. class_emb: (B, cond_dim), e.g. model.class_emb(labels).
-    eta = 0 is deterministic; eta = 1 adds DDPM's ancestral noise, drawn from a generator seeded
-    with `seed`, so that sampling never disturbs the training random stream. Guidance interval
-    (Kynkaanniemi et al. 2024): guide only while t / T lies in `interval`, use the conditional
-    prediction (w = 1) elsewhere."""
-    generator = torch.Generator(noise.device).manual_seed(seed)
-    null_emb = model.class_emb.weight[NULL_CLASS]  # (cond_dim,)
-    T = len(alphas_cumprod)
-    timesteps = torch.linspace(T - 1, 0, steps).round().long().tolist()
-    x = noise
-    for i, t in enumerate(timesteps):
-        a = alphas_cumprod[t]
-        a_prev = alphas_cumprod[timesteps[i + 1]] if i + 1 < steps else torch.ones_like(a)
-        t_batch = torch.full((x.shape[0],), t, device=x.device)
-        w = guidance_scale if interval[0] <= t / T <= interval[1] else 1.0
-        with ctx:
-            eps = guided_eps(model, x, t_batch, class_emb, null_emb, w)
-        # predicted clean image, clipped to the data range, and the noise consistent with it
-        x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
-        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
-        # x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z
-        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
-        z = torch.randn(x.shape, device=x.device, generator=generator)
-        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps + sigma * z
-    return x
-
-
-# -----------------------------------------------------------------------------
 # Experiments
 # Each takes the model and `sample`, the DDIM sampler with its settings bound
 # (functools.partial), so it runs from any checkpoint. Every figure reuses fixed noise, so that
@@ -896,6 +478,7 @@ def plot_ema_vs_raw(raw, ema, sample, names, path, w, seed):
 
 
 def run_experiments(raw, ema, sample, args):
+    """The lesson's four figures, from the raw and EMA weights (after training or --sample-only)."""
     names, out, w, seed = CLASS_NAMES[args.dataset], args.out_dir, args.guidance_scale, args.seed
     raw.eval()  # dropout off
     title = f"EMA samples, one column per class (w={w:g})"
@@ -914,13 +497,6 @@ def run_experiments(raw, ema, sample, args):
 # that cannot recognise them could not grade generated ones.
 
 
-class ConvBN(nn.Sequential):
-    def __init__(self, in_ch, out_ch):
-        super().__init__(
-            nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU()
-        )
-
-
 class Residual(nn.Module):
     def __init__(self, fn):
         super().__init__()
@@ -931,39 +507,38 @@ class Residual(nn.Module):
 
 
 def build_classifier(in_channels):
-    """A small ResNet-style CNN (0.2M parameters) for 32x32 images."""
+    """A small ResNet-style CNN (0.2M parameters): conv-BN-ReLU stages with residual blocks."""
+
+    def conv_bn(cin, cout):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                             nn.ReLU())  # fmt: skip
+
     return nn.Sequential(
-        ConvBN(in_channels, 32), Residual(ConvBN(32, 32)), nn.MaxPool2d(2),  # (B, 32, H/2, W/2)
-        ConvBN(32, 64), Residual(ConvBN(64, 64)), nn.MaxPool2d(2),  # (B, 64, H/4, W/4)
-        ConvBN(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # (B, 128)
+        conv_bn(in_channels, 32), Residual(conv_bn(32, 32)), nn.MaxPool2d(2),  # (B, 32, H/2, W/2)
+        conv_bn(32, 64), Residual(conv_bn(64, 64)), nn.MaxPool2d(2),  # (B, 64, H/4, W/4)
+        conv_bn(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # (B, 128)
         nn.Dropout(0.2), nn.Linear(128, NUM_CLASSES),  # (B, 10) logits
     )  # fmt: skip
 
 
-def random_shift(x, generator, pixels=2):
-    """Augmentation: move each image (B, C, H, W) by up to `pixels` in x and y, filling with -1."""
-    B, _, H, W = x.shape
-    padded = F.pad(x, (pixels,) * 4, value=-1.0)
-    dy, dx = torch.randint(0, 2 * pixels + 1, (2, B), generator=generator).tolist()
-    return torch.stack([padded[i, :, dy[i] : dy[i] + H, dx[i] : dx[i] + W] for i in range(B)])
-
-
 def train_classifier(images, labels, epochs, seed, device, hflip=False, batch_size=128, lr=2e-3):
-    """AdamW with a one-cycle lr schedule on uint8 images (N, C, H, W), randomly shifted (and
-    flipped, for CIFAR-10)."""
+    """AdamW with a one-cycle lr schedule on uint8 images (N, C, H, W); as augmentation every
+    image moves by up to 2 pixels (and is flipped half the time with hflip, for CIFAR-10)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # the initial weights and dropout masks
     classifier = build_classifier(images.shape[1]).to(device)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr, weight_decay=1e-4)
     total = epochs * math.ceil(len(images) / batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=total)
+    H, W = images.shape[-2:]
     for _ in range(epochs):
         for idx in torch.randperm(len(images), generator=g).split(batch_size):
-            x = random_shift(images[idx].float() / 127.5 - 1, g)
+            padded = F.pad(images[idx].float() / 127.5 - 1, (2, 2, 2, 2), value=-1.0)
+            dy, dx = torch.randint(0, 5, (2, len(idx)), generator=g).tolist()
+            x = torch.stack([p[:, i : i + H, j : j + W] for p, i, j in zip(padded, dy, dx)])
             if hflip:
                 x = torch.where(torch.rand(len(x), 1, 1, 1, generator=g) < 0.5, x.flip(3), x)
-            x = x.to(device)
-            loss = F.cross_entropy(classifier(x), labels[idx].to(device))
+            loss = F.cross_entropy(classifier(x.to(device)), labels[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -981,7 +556,6 @@ def get_classifier(path, trained_from, images, labels, epochs, seed, device, hfl
     if isinstance(state, dict) and state.get("trained_from") == trained_from:
         classifier = build_classifier(images.shape[1]).to(device)
         classifier.load_state_dict(state["model"])
-        print(f"classifier: {path}")
         return classifier.eval()
     t0 = time.time()
     classifier = train_classifier(images, labels, epochs, seed, device, hflip)
@@ -990,26 +564,20 @@ def get_classifier(path, trained_from, images, labels, epochs, seed, device, hfl
     return classifier
 
 
-@torch.no_grad()
-def classify(classifier, images, device, batch_size=1000):
-    """Class probabilities (N, 10), on the CPU, of images in [-1, 1]."""
-    probs = [classifier(images[i : i + batch_size].to(device)).float().softmax(-1).cpu()
-             for i in range(0, len(images), batch_size)]  # fmt: skip
-    return torch.cat(probs)
-
-
 def mean_pairwise_distance(images):
     """Mean L2 distance over all pairs of distinct images (N, C, H, W), in [-1, 1] pixel units."""
     flat = images.flatten(1).double()  # (N, C*H*W)
-    n = len(flat)
-    return (torch.cdist(flat, flat).sum() / (n * (n - 1))).item()
+    return (torch.cdist(flat, flat).sum() / (len(flat) * (len(flat) - 1))).item()
 
 
+@torch.no_grad()
 def fidelity(classifier, images, labels, device):
     """accuracy: fraction classified as the requested class; confidence: mean probability of the
     requested class; diversity: mean pairwise distance within a class, averaged over classes;
-    per_class: the accuracy of each class."""
-    probs = classify(classifier, images, device)  # (N, 10)
+    per_class: the accuracy of each class. images (N, C, H, W) in [-1, 1], on the CPU."""
+    probs = torch.cat(
+        [classifier(x.to(device)).float().softmax(-1).cpu() for x in images.split(500)]
+    )
     hit = (probs.argmax(1) == labels).float()  # (N,)
     classes = [c for c in range(NUM_CLASSES) if (labels == c).sum() >= 2]
     return {
@@ -1022,265 +590,156 @@ def fidelity(classifier, images, labels, device):
 
 def evaluate(model, sample, classifier, test_set, scales, interval, per_class, seed):
     """The --eval table: a `real` row for up to per_class test images of each class, one row per
-    guidance scale w on the whole path, and one per w > 1 guided only in `interval`. Every row
+    guidance scale w on the whole chain, and one per w > 1 guided only in `interval`. Every row
     starts from the same noise, so the rows differ only by the guidance."""
-    model.eval()
     device = next(model.parameters()).device
     images, labels = test_set
     real = torch.cat([(labels == c).nonzero()[:per_class, 0] for c in range(NUM_CLASSES)])
-    real_row = fidelity(classifier, images[real].float() / 127.5 - 1, labels[real], device)
-    rows = [{"w": "real", "interval": None, **real_row}]
+    x_real, y_real = images[real].float() / 127.5 - 1, labels[real]
+    rows = [{"w": "real", "interval": None, **fidelity(classifier, x_real, y_real, device)}]
     y = torch.arange(NUM_CLASSES).repeat_interleave(per_class)  # (10 * per_class,)
     noise = fixed_noise(len(y), images.shape[1], "cpu", seed)
-    settings = [(w, None) for w in scales] + [(w, interval) for w in scales if w > 1]
-    for w, where in settings:
-        kwargs = {} if where is None else {"interval": where}
+    for w, where in [(w, None) for w in scales] + [(w, interval) for w in scales if w > 1]:
         samples = torch.cat([
-            sample(model, model.class_emb(y[i : i + 500].to(device)),
-                   noise[i : i + 500].to(device), w, seed=seed, **kwargs).cpu()
-            for i in range(0, len(y), 500)
+            sample(model, model.class_emb(y_part.to(device)), noise_part.to(device), w, seed=seed,
+                   interval=where or (0, 1)).cpu()
+            for y_part, noise_part in zip(y.split(500), noise.split(500))
         ])  # fmt: skip
         rows.append({"w": w, "interval": where, **fidelity(classifier, samples, y, device)})
     return rows
 
 
-def row_label(row):
-    w = row["w"] if row["w"] == "real" else f"{row['w']:g}"
-    return (
-        w if row["interval"] is None else f"{w} in [{row['interval'][0]:g}, {row['interval'][1]:g}]"
-    )
-
-
 def report_eval(rows, class_names, out_dir):
-    """Print the table and the per-class accuracies; write eval.csv, eval_per_class.csv, eval.png
-    (accuracy and diversity against w) and eval_per_class.png (which classes guidance helps)."""
-    print(f"{'w':>16} {'accuracy':>9} {'confidence':>11} {'diversity':>10}")
-    for r in rows:
-        print(f"{row_label(r):>16} {r['accuracy']:9.3f} {r['confidence']:11.3f} "
-              f"{r['diversity']:10.2f}")  # fmt: skip
-    print("accuracy per class:\n" + f"{'w':>16} " + " ".join(f"{n[:7]:>7}" for n in class_names))
-    for r in rows:
-        print(f"{row_label(r):>16} " + " ".join(f"{a:7.2f}" for a in r["per_class"]))
+    """The table on stdout and in eval.csv, with each class's accuracy, and eval.png: accuracy
+    and diversity against w, and which classes guidance helps most."""
+    labels = [f"{r['w']:g}" if r["w"] != "real" else "real" for r in rows]
+    labels = [w + (" in [{:g}, {:g}]".format(*r["interval"]) if r["interval"] else "")
+              for w, r in zip(labels, rows)]  # fmt: skip
+    header = ["w", "accuracy", "confidence", "diversity", *class_names]
+    print(f"{header[0]:>15}" + "".join(f"{h[:10]:>11}" for h in header[1:]))
     with open(os.path.join(out_dir, "eval.csv"), "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["w", "interval", "accuracy", "confidence", "diversity"])
-        for r in rows:
-            where = "" if r["interval"] is None else "{:g}-{:g}".format(*r["interval"])
-            writer.writerow([r["w"], where, r["accuracy"], r["confidence"], r["diversity"]])
-    with open(os.path.join(out_dir, "eval_per_class.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["row", *class_names])
-        writer.writerows([row_label(r), *r["per_class"]] for r in rows)
-
+        writer.writerow(header)
+        for label, r in zip(labels, rows):
+            values = [r["accuracy"], r["confidence"], r["diversity"], *r["per_class"]]
+            writer.writerow([label, *values])
+            print(f"{label:>15}" + "".join(f"{v:11.3f}" for v in values))
     plt = pyplot()
-    real, full = rows[0], [r for r in rows[1:] if r["interval"] is None]
-    limited = [r for r in rows[1:] if r["interval"] is not None]
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4))
-    for part, style, name in ((full, "o-", "whole path"), (limited, "s--", "interval")):
-        if part:
-            label = name if part is full else row_label(part[0]).split(" ", 1)[1]
-            ax0.plot([r["w"] for r in part], [r["accuracy"] for r in part], style, label=label)
-            ax1.plot([r["w"] for r in part], [r["diversity"] for r in part], style, label=label)
-    ax0.axhline(real["accuracy"], ls=":", c="k", label="real test images")
-    ax1.axhline(real["diversity"], ls=":", c="k", label="real test images")
-    ax0.set(xlabel="guidance scale w", ylabel="classified as requested", ylim=(0, 1.02),
-            title="Class fidelity vs guidance")  # fmt: skip
-    ax1.set(xlabel="guidance scale w", ylabel="mean pairwise L2 within a class",
-            title="Diversity vs guidance")  # fmt: skip
-    ax0.legend()
-    ax1.legend()
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    full = [r for r in rows[1:] if r["interval"] is None]
+    for part, style in ((full, "o-"), ([r for r in rows if r["interval"]], "s--")):
+        if not part:
+            continue
+        name = "whole chain" if part is full else labels[rows.index(part[0])].split(" ", 1)[1]
+        for ax, key in zip(axes, ("accuracy", "diversity")):
+            ax.plot([r["w"] for r in part], [r[key] for r in part], style, label=name)
+            ax.axhline(rows[0][key], ls=":", c="k")
+    for c, name in enumerate(class_names):
+        axes[2].plot([r["w"] for r in full], [r["per_class"][c] for r in full], "o-", label=name)
+    titles = ("classified as requested", "diversity (dotted: real images)", "accuracy per class")
+    for ax, title in zip(axes, titles):
+        ax.set(xlabel="guidance scale w", title=title)
+        ax.legend(fontsize=7)
     fig.savefig(os.path.join(out_dir, "eval.png"), dpi=150, bbox_inches="tight")
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for c, name in enumerate(class_names):
-        ax.plot([r["w"] for r in full], [r["per_class"][c] for r in full], "o-", label=name)
-    ax.set(xlabel="guidance scale w (whole path)", ylabel="classified as requested",
-           ylim=(0, 1.02), title="Which classes does guidance help most?")  # fmt: skip
-    ax.legend(fontsize=7, ncol=2)
-    fig.savefig(os.path.join(out_dir, "eval_per_class.png"), dpi=150, bbox_inches="tight")
-    plt.close(fig)
 
 
 # -----------------------------------------------------------------------------
-# Benchmark
+# Training
 
 
-def benchmark(args, device):
-    """Time the training step (forward, backward, clip, AdamW, EMA) and CFG sampling
-    (--bench-samples images, --sample-steps steps) of the configuration the flags select ("fast")
-    against the plain one (fp32, eager, NCHW), on random inputs of the training shape. The
-    variants alternate three times; the table shows medians. FLOPs: torch.utils.flop_counter.
-    The first --bench-steps steps also compare the two variants' losses (--dtype bf16 vs fp32).
-    Training-step times average --bench-steps back-to-back steps, so that the CPU can queue work
-    ahead of the GPU as in training."""
-    from torch.utils.flop_counter import FlopCounterMode
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema = decay * ema + (1 - decay) * model, for all tensors in one multi-tensor kernel."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
-    cuda = device.type == "cuda"
-    fast = (resolve_dtype(args.dtype, device), args.compile, args.channels_last)
-    variants = {"fast": fast, "plain": (torch.float32, False, False)}
-    B, n_samples, in_ch = args.batch_size, args.bench_samples, 1 if args.dataset == "mnist" else 3
+
+def ema_decay_at(step, decay):
+    """EMA warm-up: early on the average would be stuck near the random init, so the effective
+    decay grows as (1 + step) / (10 + step) until it reaches the configured value."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+def warmup_cosine(step, warmup_steps, total_steps):
+    """lr multiplier: linear warm-up from 0 to 1, then cosine decay to 0 at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_step(model, ema, optimizer, scaler, loss, ema_decay, grad_clip):
+    """backward -> clip -> AdamW -> EMA, for a loss computed (under autocast) from `model`."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()  # the scaler is a no-op except with --dtype fp16
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    update_ema(ema, model, ema_decay)
+
+
+def setup(args, device, total_steps):
+    """Everything a run needs, built the same way for training, --sample-only, --eval and --bench:
+    the model (channels-last if asked), its EMA and their compiled copies, AdamW, the lr schedule,
+    the loss scaler, the autocast context, one training step and the sampler, settings bound."""
+    dtype, ctx = precision(args.dtype, device)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    torch.manual_seed(args.seed)  # the same initial weights, and so the same EMA, on every rank
+    model = build_model(args).to(device, memory_format=fmt)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    # fused AdamW: one kernel for the whole update instead of several per parameter tensor
+    fused = device.type in ("cuda", "cpu")
+    optimizer = torch.optim.AdamW(
+        model.parameters(), args.lr, weight_decay=args.weight_decay, fused=fused
+    )
+    lr_lambda = partial(warmup_cosine, warmup_steps=args.warmup_steps, total_steps=total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only
     alphas_cumprod = make_alphas_cumprod(args.schedule, args.timesteps).to(device)
-    x0 = torch.randn(B, in_ch, IMAGE_SIZE, IMAGE_SIZE, device=device).clamp(-1, 1)
-    y = torch.randint(0, NUM_CLASSES, (B,), device=device)
-    noise = torch.randn(n_samples, in_ch, IMAGE_SIZE, IMAGE_SIZE, device=device)
-    labels = torch.arange(n_samples, device=device) % NUM_CLASSES
     loss_fn = partial(diffusion_loss, alphas_cumprod=alphas_cumprod, p_uncond=args.p_uncond)
+    train_model = torch.compile(model) if args.compile else model
+    if dist.is_initialized():
+        train_model = DistributedDataParallel(train_model)
 
-    def setup(dtype, compiled, channels_last):
-        """The two timed closures (one training step, one sampling run) of a variant."""
-        torch.manual_seed(args.seed)  # same initial weights in every variant
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        model = build_model(args).to(device, memory_format=fmt)
-        ema = copy.deepcopy(model).requires_grad_(False).eval()
-        optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        ctx, x = autocast_context(device, dtype), x0.contiguous(memory_format=fmt)
-        train_model = torch.compile(model) if compiled else model
-        sample_model = torch.compile(ema) if compiled else ema
-        step = partial(train_step, train_model, ema, optimizer, scheduler, scaler, ctx, x, y,
-                       args.ema_decay, args.grad_clip, loss_fn)  # fmt: skip
-        class_emb = ema.class_emb(labels).detach()
-        sample = partial(ddim_sample, sample_model, class_emb, noise, args.guidance_scale,
-                         alphas_cumprod, args.sample_steps, args.eta, ctx)  # fmt: skip
-        return step, sample
+    def step(x0, y, ema_decay):
+        """One optimizer step; returns the loss without syncing, so the GPU can run ahead."""
+        with ctx:
+            loss = loss_fn(train_model, x0, y)
+        train_step(model, ema, optimizer, scaler, loss, ema_decay, args.grad_clip)
+        scheduler.step()
+        return loss.detach()
 
-    def timed(fn, repeat=1):
-        """Seconds per call of fn, over `repeat` back-to-back calls (CUDA events on a GPU)."""
-        if not cuda:
-            t0 = time.perf_counter()
-            for _ in range(repeat):
-                fn()
-            return (time.perf_counter() - t0) / repeat
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeat):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3 / repeat
-
-    runs, losses = {}, {}
-    times = {name: {"train": [], "sample": [], "peak": 0.0} for name in variants}
-    for name, (dtype, compiled, channels_last) in variants.items():
-        set_matmul_precision(dtype)
-        runs[name] = step, sample = setup(dtype, compiled, channels_last)
-        # Warm-up (compilation, cuDNN autotuning) and numerics check in one: the first steps of
-        # each variant with the same random draws (seeded per step) on the same batch.
-        t0 = time.perf_counter()
-        losses[name] = []
-        for i in range(args.bench_steps):
-            torch.manual_seed(i)
-            losses[name].append(step().item())
-        sample()
-        times[name]["warmup"] = time.perf_counter() - t0
-    with FlopCounterMode(display=False) as counter:
-        runs["plain"][0]()
-    train_flops = counter.get_total_flops()
-    with FlopCounterMode(display=False) as counter:
-        runs["plain"][1]()
-    sample_flops = counter.get_total_flops()
-
-    for _ in range(3):  # alternate, so that clock or thermal drift hits both variants alike
-        for name, (dtype, _, _) in variants.items():
-            set_matmul_precision(dtype)
-            step, sample = runs[name]
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(device)
-            times[name]["train"].append(timed(step, args.bench_steps))
-            times[name]["sample"].append(timed(sample))
-            if cuda:
-                peak = torch.cuda.max_memory_allocated(device) / 2**30
-                times[name]["peak"] = max(times[name]["peak"], peak)
-
-    hw = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(
-        f"\n{SCRIPT} --bench on {hw}, torch {torch.__version__}, "
-        f"{sum(p.numel() for p in build_model(args).parameters()) / 1e6:.2f}M parameters, "
-        f"train batch {B}, CFG sampling of {n_samples} images x {args.sample_steps} DDIM steps"
-    )
-    print(f"fast = {fast[0]}, compile={fast[1]}, channels_last={fast[2]}; plain = fp32 eager NCHW")
-    header = (
-        "variant  train ms/step  train img/s  train TFLOP/s  sample s  sample img/s"
-        "  sample TFLOP/s  peak GiB  warm-up s"
-    )
-    print(header + "\n" + "-" * len(header))
-    throughput = {}
-    for name, t in times.items():
-        step_s, sample_s = statistics.median(t["train"]), statistics.median(t["sample"])
-        throughput[name] = (B / step_s, n_samples / sample_s)
-        peak = f"{t['peak']:.2f}" if cuda else "-"
-        print(
-            f"{name:8} {1e3 * step_s:13.1f} {B / step_s:12.1f} "
-            f"{train_flops / step_s / 1e12:14.3g} {sample_s:9.3g} {n_samples / sample_s:13.1f} "
-            f"{sample_flops / sample_s / 1e12:15.3g} {peak:>9} {t['warmup']:10.1f}"
-        )
-    train_x, sample_x = (throughput["fast"][i] / throughput["plain"][i] for i in (0, 1))
-    print(f"speed-up fast / plain: training {train_x:.2f}x, sampling {sample_x:.2f}x")
-    gaps = [abs(f - p) / p for f, p in zip(losses["fast"], losses["plain"])]
-    print(
-        f"loss, fast vs plain, over the first {len(gaps)} steps (same weights, batch and random "
-        f"draws): mean relative difference {statistics.mean(gaps):.2e}, max {max(gaps):.2e}"
-    )
-    return times, losses
-
-
-# -----------------------------------------------------------------------------
-# Main
+    sample = partial(ddim_sample, alphas_cumprod=alphas_cumprod, steps=args.sample_steps,
+                     eta=args.eta, interval=args.guidance_interval)  # fmt: skip
+    sampler = torch.compile(ema) if args.compile else ema  # the EMA, compiled separately
+    return SimpleNamespace(model=model, ema=ema, optimizer=optimizer, scheduler=scheduler,
+                           scaler=scaler, step=step, sampler=sampler, sample=sample, ctx=ctx,
+                           dtype=dtype, memory_format=fmt)  # fmt: skip
 
 
 def main(argv=None):
     args = get_args(argv)
     rank, world_size, device = setup_distributed(args.device)
     master = rank == 0  # only rank 0 prints, shows progress bars and writes files
-    dtype = resolve_dtype(args.dtype, device)
-    set_matmul_precision(dtype)
     if args.bench:
         return benchmark(args, device)
-    ctx = autocast_context(device, dtype)
+    from_ckpt = args.resume or args.sample_only or args.eval
     ckpt_path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
     check_output_paths(args.out_dir, ckpt_path, writes_ckpt=not (args.sample_only or args.eval))
-    alphas_cumprod = make_alphas_cumprod(args.schedule, args.timesteps).to(device)
-    sample = partial(ddim_sample, alphas_cumprod=alphas_cumprod, steps=args.sample_steps,
-                     eta=args.eta, ctx=ctx, interval=args.guidance_interval)  # fmt: skip
-
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    torch.manual_seed(args.seed)  # the same initial weights, and so the same EMA, on every rank
-    model = build_model(args).to(device, memory_format=memory_format)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    # --compile: one compiled copy for training, one of the EMA for all sampling (same weights)
-    sampler = torch.compile(ema) if args.compile else ema
-    if master:
-        print(
-            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {device}, "
-            f"{dtype}, {world_size} process(es)"
-        )
+    ckpt = load_checkpoint(ckpt_path, args) if from_ckpt else None  # also sets MODEL_ARGS
     if args.sample_only or args.eval:
-        ckpt = load_checkpoint(ckpt_path, args)
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
+        run = setup(args, device, total_steps=1)
+        run.model.load_state_dict(ckpt["model"])
+        run.ema.load_state_dict(ckpt["ema"])
         if master and args.sample_only:
-            run_experiments(model, sampler, sample, args)
+            with run.ctx:
+                run_experiments(run.model, run.sampler, run.sample, args)
         if master and args.eval:
-            data = [load_dataset(args.dataset, args.data_dir, args.synthetic_size, args.seed, train)
-                    for train in (True, False)]  # fmt: skip
-            trained_from = {
-                key: getattr(args, key)
-                for key in ("dataset", "data_dir", "synthetic_size", "seed", "classifier_epochs")
-            }
-            path = os.path.join(args.out_dir, "classifier.pt")
-            flip = args.dataset == "cifar10"  # augmentation of the classifier's training
-            classifier = get_classifier(path, trained_from, *data[0], args.classifier_epochs,
-                                        args.seed, device, flip)  # fmt: skip
-            t0 = time.time()
-            rows = evaluate(sampler, sample, classifier, data[1], args.eval_scales,
-                            args.eval_interval, args.eval_per_class, args.seed)  # fmt: skip
-            print(f"class fidelity: {args.eval_per_class} samples per class and row, "
-                  f"{args.sample_steps} DDIM steps, {time.time() - t0:.0f} s")  # fmt: skip
-            report_eval(rows, CLASS_NAMES[args.dataset], args.out_dir)
-        return model
+            evaluate_checkpoint(run, args, device)
+        return run.model
 
-    if world_size > 1 and rank > 0:
+    if rank > 0:
         dist.barrier()  # rank 0 downloads the dataset first, the others then read it
     images, labels = load_dataset(args.dataset, args.data_dir, args.synthetic_size, args.seed)
     if world_size > 1 and rank == 0:
@@ -1290,114 +749,483 @@ def main(argv=None):
     steps_per_epoch = math.ceil(len(images) // world_size / rank_batch)
     total_steps = args.epochs * steps_per_epoch
     max_steps = min(total_steps, args.max_steps or total_steps)
-
-    optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
-    lr_lambda = partial(warmup_cosine, warmup_steps=args.warmup_steps, total_steps=total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only
-    step, losses, saved_step = 0, [], None
-    if args.resume:
-        ckpt = load_checkpoint(ckpt_path, args)
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt["scaler"]:  # empty unless the run used --dtype fp16
-            scaler.load_state_dict(ckpt["scaler"])
+    run, step, losses, saved_step = setup(args, device, total_steps), 0, [], None
+    if ckpt:
+        for part in CHECKPOINT_PARTS:  # the scaler's state is empty unless --dtype fp16
+            getattr(run, part).load_state_dict(ckpt[part])
         step, losses, saved_step = ckpt["step"], ckpt["losses"], ckpt["step"]
-        if master:
-            print(f"resumed from {ckpt_path} at step {step}")
-    train_model = torch.compile(model) if args.compile else model
-    if world_size > 1:
-        train_model = DistributedDataParallel(train_model)
-    loss_fn = partial(diffusion_loss, alphas_cumprod=alphas_cumprod, p_uncond=args.p_uncond)
-    step_fn = partial(train_step, train_model, ema, optimizer, scheduler, scaler, ctx)
+    if master:
+        resumed = f", resumed at step {step}" if ckpt else ""
+        print(f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters, {device}, "
+              f"{run.dtype}, {world_size} process(es){resumed}")  # fmt: skip
 
     def save():
         if master:
-            save_checkpoint({
-                "script": SCRIPT, "args": vars(args), "step": step, "epoch": epoch,
-                "model": model.state_dict(), "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "losses": losses,
-            }, ckpt_path)  # fmt: skip
+            parts = {k: getattr(run, k).state_dict() for k in CHECKPOINT_PARTS}
+            model_args = {key: getattr(args, key) for key in MODEL_ARGS}
+            save_checkpoint({"script": SCRIPT, "args": vars(args), "model_args": model_args,
+                             "step": step, "losses": losses, **parts}, ckpt_path)  # fmt: skip
 
-    stop_signal, stopped = StopSignal(), False
+    batches, window, stop, stop_signal = None, [], False, StopSignal()
+    bar = tqdm(total=max_steps, initial=step, disable=not master, leave=False, dynamic_ncols=True)
+    t_log = time.perf_counter()
     try:
-        for epoch in range(step // steps_per_epoch, args.epochs):
-            if step >= max_steps or stopped:
-                break
-            batches = epoch_batches(len(images), rank_batch, epoch, args.seed, rank, world_size,
-                                    device)[step - epoch * steps_per_epoch :]  # fmt: skip
-            bar = tqdm(batches, f"epoch {epoch + 1}/{args.epochs}", disable=not master, leave=False)
-            window, epoch_losses, t0 = [], [], time.perf_counter()
-            for i, idx in enumerate(bar):
-                seed_step(args.seed, rank, step)
-                x0, y = get_batch(images, labels, idx, args.dataset == "cifar10", memory_format)
-                ema_decay = ema_decay_at(step, args.ema_decay)
-                window.append(step_fn(x0, y, ema_decay, args.grad_clip, loss_fn))
-                step += 1
-                last = i == len(batches) - 1 or step >= max_steps
-                # Check the losses every --log-every steps (one GPU sync). A single process also
-                # reacts to Ctrl-C at once; DDP ranks agree on stopping at these checks only.
-                if (
-                    step % args.log_every
-                    and not last
-                    and (world_size > 1 or not stop_signal.requested)
-                ):
-                    continue
-                window_losses = torch.stack(window).float()
-                stop_flag = torch.tensor(stop_signal.requested, device=device)
-                flags = torch.stack([~window_losses.isfinite().all(), stop_flag]).float()
-                if world_size > 1:
-                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # so that all ranks stop together
-                nonfinite, stopped = flags.tolist()
-                if nonfinite:
-                    bad = (~window_losses.isfinite()).nonzero()  # empty if another rank had it
-                    bad_step = step - len(window) + 1 + (bad[0].item() if len(bad) else 0)
-                    kept = (
-                        f"{ckpt_path} still holds step {saved_step}"
-                        if saved_step
-                        else "no checkpoint written"
-                    )
-                    fail(f"loss became non-finite at step {bad_step}; stopped without saving "
-                         f"({kept}). Try a lower --lr, or --dtype fp32", code=1)  # fmt: skip
-                losses += window_losses.tolist()
-                epoch_losses += window_losses.tolist()
-                window = []
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                if stopped or step >= max_steps:
-                    break
-            bar.close()
+        while step < max_steps and not stop:
+            epoch, i = divmod(step, steps_per_epoch)
+            if i == 0 or batches is None:  # a fresh order each epoch, a function of seed and epoch
+                batches = epoch_batches(len(images), rank_batch, epoch, args.seed, rank,
+                                        world_size, device)  # fmt: skip
+            seed_step(args.seed, rank, step)
+            x0, y = get_batch(images, labels, batches[i], args.dataset == "cifar10",
+                              run.memory_format)  # fmt: skip
+            window.append(run.step(x0, y, ema_decay_at(step, args.ema_decay)))
+            step, epoch_end = step + 1, (step + 1) % steps_per_epoch == 0 or step + 1 == max_steps
+            bar.update()
+            if step % args.log_every and not epoch_end:
+                continue
+            # every --log-every steps one check: non-finite loss, Ctrl-C, all DDP ranks agreeing
+            window_losses, nonfinite, stop = check_window(window, stop_signal.requested, world_size)
+            if nonfinite:
+                bad = (~window_losses.isfinite()).nonzero()  # empty if another rank had it
+                bad_step = step - len(window) + 1 + (int(bad[0]) if len(bad) else 0)
+                kept = f"{ckpt_path} still holds step {saved_step}" if saved_step else "nothing"
+                fail(f"loss became non-finite at step {bad_step}; stopped without saving ({kept}"
+                     " kept). Try a lower --lr, or --dtype fp32", code=1)  # fmt: skip
+            losses += window_losses.tolist()
+            dt, window = (time.perf_counter() - t_log) / len(window), []
             if master:
-                dt, n = time.perf_counter() - t0, len(epoch_losses)
-                loss, lr = sum(epoch_losses) / n, scheduler.get_last_lr()[0]
-                ms, img_s = 1e3 * dt / n, n * args.batch_size / dt
-                tqdm.write(f"epoch {epoch + 1:3d} | step {step:7d} | loss {loss:.4f} | lr {lr:.2e} "
-                           f"| {ms:6.1f} ms/step | {img_s:7.0f} img/s")  # fmt: skip
-            epoch_done = step == (epoch + 1) * steps_per_epoch
-            if stopped or step >= max_steps or (epoch_done and (epoch + 1) % args.save_every == 0):
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                tqdm.write(f"epoch {epoch + 1:3d} | step {step:7d} | loss {losses[-1]:.4f} | lr "
+                           f"{run.scheduler.get_last_lr()[0]:.2e} | {1e3 * dt:6.1f} ms/step | "
+                           f"{args.batch_size / dt:6.0f} img/s")  # fmt: skip
+            if stop or step == max_steps or (epoch_end and (epoch + 1) % args.save_every == 0):
                 save()
                 saved_step = step
-            if master and epoch_done and (epoch + 1) % args.sample_every == 0:
-                path = f"{args.out_dir}/samples_epoch{epoch + 1:03d}.png"
-                title = f"EMA samples after epoch {epoch + 1} (w={args.guidance_scale:g})"
-                names = CLASS_NAMES[args.dataset]
-                plot_class_grid(sampler, sample, names, path, 2, args.guidance_scale, args.seed,
-                                title)  # fmt: skip
+            if master and epoch_end and (epoch + 1) % args.sample_every == 0:
+                path, w = f"{args.out_dir}/samples_epoch{epoch + 1:03d}.png", args.guidance_scale
+                title = f"EMA samples after epoch {epoch + 1} (w={w:g})"
+                with run.ctx:
+                    plot_class_grid(run.sampler, run.sample, CLASS_NAMES[args.dataset], path, 2,
+                                    w, args.seed, title)  # fmt: skip
+            t_log = time.perf_counter()
     finally:
         stop_signal.restore()
+        bar.close()
 
     if master:
         save_loss_curve(losses, f"{args.out_dir}/loss.png", f"{SCRIPT}: training loss")
-        if stopped:
+        if stop:
             print(f"interrupted at step {step}: saved {ckpt_path}; continue with --resume")
         else:
             print(f"done: {step} steps, checkpoint {ckpt_path}")
-            run_experiments(model, sampler, sample, args)
+            with run.ctx:
+                run_experiments(run.model, run.sampler, run.sample, args)
     if world_size > 1:
         dist.destroy_process_group()
-    return model
+    return run.model
+
+
+def evaluate_checkpoint(run, args, device):
+    """--eval: the classifier (trained once, cached in --out-dir), then the fidelity table."""
+    train_set, test_set = (load_dataset(args.dataset, args.data_dir, args.synthetic_size,
+                                        args.seed, train) for train in (True, False))  # fmt: skip
+    keys = "dataset data_dir synthetic_size seed classifier_epochs".split()
+    trained_from = {k: getattr(args, k) for k in keys}  # the cache is valid for these only
+    classifier = get_classifier(f"{args.out_dir}/classifier.pt", trained_from, *train_set,
+                                args.classifier_epochs, args.seed, device,
+                                hflip=args.dataset == "cifar10")  # fmt: skip
+    t0 = time.time()
+    with run.ctx:
+        rows = evaluate(run.sampler, run.sample, classifier, test_set, args.eval_scales,
+                        args.eval_interval, args.eval_per_class, args.seed)  # fmt: skip
+    print(f"class fidelity: {args.eval_per_class} samples per class and row, "
+          f"{args.sample_steps} DDIM steps, {time.time() - t0:.0f} s")  # fmt: skip
+    report_eval(rows, CLASS_NAMES[args.dataset], args.out_dir)
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of the whole usage block, exit code 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def checked(convert, is_valid, expected):
+    """An argparse `type`: convert the text, then validate it, so that a bad value gets a one-line
+    error naming the flag, before any data or model is touched."""
+
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not is_valid(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+def split(convert):
+    return lambda text: [convert(v) for v in text.split(",")]
+
+
+positive_int = checked(int, lambda v: v > 0, "a positive integer")
+nonnegative_int = checked(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = checked(float, lambda v: 0 < v < math.inf, "a positive number")
+nonnegative_float = checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+probability = checked(float, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
+unit_float = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+int_list = checked(split(int), lambda v: min(v) > 0, "positive integers like 1,2,2")
+float_list = checked(split(float), lambda v: 0 <= min(v) <= max(v) < math.inf,
+                     "numbers >= 0 like 1,2,4")  # fmt: skip
+interval_pair = checked(lambda text: tuple(split(float)(text)),  # "0.2,0.8" -> (0.2, 0.8)
+                        lambda v: len(v) == 2 and 0 <= v[0] < v[1] <= 1,
+                        "two numbers LO,HI with 0 <= LO < HI <= 1, like 0.2,0.8")  # fmt: skip
+class_pairs = checked(  # "3-5,0-8" -> [(3, 5), (0, 8)]
+    lambda text: [tuple(int(c) for c in pair.split("-")) for pair in text.split(",")],
+    lambda v: all(len(p) == 2 and 0 <= min(p) <= max(p) < NUM_CLASSES for p in v),
+    f"pairs of class labels in 0..{NUM_CLASSES - 1} like 3-5,0-8",
+)
+
+
+def get_args(argv=None):
+    p = ArgumentParser(
+        prog=f"{SCRIPT}.py",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Class-conditional DDPM with classifier-free guidance.",
+    )
+    # fmt: off
+    add = p.add_argument_group("data").add_argument
+    add("--dataset", default="cifar10", choices=("cifar10", "mnist", "synthetic"),
+        help="cifar10 (32x32 RGB), mnist (padded to 32x32, 1 channel) or synthetic (coloured "
+             "shapes generated in memory: no download)")
+    add("--data-dir", default="data", help="where torchvision finds or downloads data")
+    add("--synthetic-size", type=positive_int, default=10000, help="images in --dataset synthetic")
+    add = p.add_argument_group("model").add_argument
+    add("--base-ch", type=positive_int, default=128, help="channels at 32x32 (even)")
+    add("--ch-mult", type=int_list, default=[1, 2, 2],
+        help="channel multiplier per resolution: 32 -> 16 -> 8 for three levels")
+    add("--num-res-blocks", type=positive_int, default=2, help="residual blocks per resolution")
+    add("--attn-res", type=int_list, default=[8],
+        help="resolutions (pixels) with self-attention after each residual block")
+    add("--attn-heads", type=positive_int, default=4, help="self-attention heads")
+    add("--cond-dim", type=positive_int, default=256,
+        help="width of the conditioning vector (time + class embedding)")
+    add("--dropout", type=probability, default=0.1, help="dropout in residual blocks")
+    add = p.add_argument_group("diffusion").add_argument
+    add("--schedule", default="cosine", choices=("cosine", "linear"),
+        help="beta schedule: cosine (Nichol & Dhariwal) or linear (Ho et al.)")
+    add("--timesteps", type=positive_int, default=1000, help="diffusion steps T")
+    add = p.add_argument_group("training").add_argument
+    add("--epochs", type=positive_int, default=50, help="passes over the training set")
+    add("--max-steps", type=positive_int, default=None,
+        help="stop after this many optimizer steps in all; the lr schedule still spans --epochs")
+    add("--batch-size", type=positive_int, default=128, help="global batch, split over ranks")
+    add("--lr", type=positive_float, default=2e-4, help="peak AdamW learning rate")
+    add("--weight-decay", type=nonnegative_float, default=1e-4, help="AdamW decay")
+    add("--warmup-steps", type=nonnegative_int, default=1000,
+        help="steps of linear lr warm-up before the cosine decay")
+    add("--grad-clip", type=positive_float, default=1.0, help="max gradient norm")
+    add("--p-uncond", type=probability, default=0.15,
+        help="probability of replacing a label by the null class (CFG training)")
+    add("--ema-decay", type=probability, default=0.9999, help="EMA decay of the weights")
+    add("--log-every", type=positive_int, default=50,
+        help="steps between log lines and loss checks (Ctrl-C is honoured at these)")
+    add("--save-every", type=positive_int, default=1, help="epochs between checkpoints")
+    add("--sample-every", type=positive_int, default=5, help="epochs between preview grids")
+    add("--resume", action="store_true", help="continue from --ckpt (default --out-dir/ckpt.pt)")
+    add = p.add_argument_group("sampling and experiments").add_argument
+    add("--guidance-scale", type=nonnegative_float, default=4.0,
+        help="CFG scale w: 0 unconditional, 1 conditional, >1 guided")
+    add("--sample-steps", type=positive_int, default=50, help="DDIM steps")
+    add("--guidance-interval", type=interval_pair, default=(0.0, 1.0), metavar="LO,HI",
+        help="guide only while t / T is in [LO, HI] (t = T is noise), conditional elsewhere")
+    add("--eta", type=unit_float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    add("--guidance-scales", type=float_list, default=[1, 2, 4, 6, 8, 10],
+        help="scales w for guidance_sweep.png")
+    add("--interp-pairs", type=class_pairs, default=[(3, 5), (0, 8), (1, 9), (2, 0)],
+        help="class pairs a-b for interpolation.png (CIFAR: cat->dog, airplane->ship, ...)")
+    add("--grid-rows", type=positive_int, default=10, help="samples per class in class_grid.png")
+    add("--sample-only", action="store_true", help="no training: the experiments from --ckpt")
+    add("--ckpt", default=None, help="checkpoint to read and write (default --out-dir/ckpt.pt)")
+    add = p.add_argument_group("evaluation").add_argument
+    add("--eval", action="store_true", help="no training: score --ckpt's samples with a classifier")
+    add("--eval-per-class", type=positive_int, default=100,
+        help="generated samples per class and table row (at least 2)")
+    add("--eval-scales", type=float_list, default=[0, 1, 2, 3, 4, 6], help="w scored by --eval")
+    add("--eval-interval", type=interval_pair, default=(0.0, 0.7), metavar="LO,HI",
+        help="guidance interval of the table's extra rows (one per w > 1)")
+    add("--classifier-epochs", type=positive_int, default=10,
+        help="epochs of the eval classifier (cached in --out-dir/classifier.pt)")
+    add = p.add_argument_group("system").add_argument
+    add("--out-dir", default="out/ddpm_cifar", help="checkpoints and figures go here")
+    add("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"), help="cuda > mps > cpu")
+    add("--seed", type=nonnegative_int, default=0, help="random seed")
+    add("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+        help="autocast precision; auto = bf16 on CUDA where supported, else fp32")
+    add("--compile", action="store_true", help="torch.compile the model and the sampling EMA")
+    add("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+        help="NHWC memory format for the convolutions (faster on tensor cores)")
+    add("--bench", action="store_true", help="time fast vs plain training and sampling, then exit")
+    add("--bench-steps", type=positive_int, default=20, help="timed training steps per variant")
+    add("--bench-samples", type=positive_int, default=256, help="images per timed sampling run")
+    # fmt: on
+    args = p.parse_args(argv)
+    p.set_defaults(**dict.fromkeys(vars(args)))  # parse again without defaults: what was given?
+    args.given = tuple(k for k, v in vars(p.parse_args(argv)).items() if v is not None)
+
+    # checks that involve several flags, still before any data or model is touched
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world_size:
+        p.error(f"--batch-size {args.batch_size} is not divisible by the {world_size} ranks")
+    if args.base_ch % 2:
+        p.error(f"--base-ch must be even (sinusoidal time embedding), got {args.base_ch}")
+    if IMAGE_SIZE % 2 ** (len(args.ch_mult) - 1):
+        p.error(f"--ch-mult has too many levels for {IMAGE_SIZE}x{IMAGE_SIZE} images")
+    resolutions = [IMAGE_SIZE // 2**i for i in range(len(args.ch_mult))]
+    for res in args.attn_res:
+        if res not in resolutions:
+            p.error(f"--attn-res {res} is not one of the U-Net resolutions {resolutions}")
+        level_ch = args.base_ch * args.ch_mult[resolutions.index(res)]
+        if level_ch % args.attn_heads:
+            p.error(f"--attn-heads {args.attn_heads} does not divide {level_ch} channels at {res}")
+    if args.base_ch * args.ch_mult[-1] % args.attn_heads:
+        p.error(f"--attn-heads {args.attn_heads} does not divide the middle block's channels")
+    if args.sample_steps > args.timesteps:
+        p.error(f"--sample-steps {args.sample_steps} exceeds --timesteps {args.timesteps}")
+    if args.eval_per_class < 2:
+        p.error("--eval-per-class must be at least 2 (diversity is a pairwise distance)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda, but no CUDA device is visible (try --device cpu)")
+    if args.device == "mps" and not torch.backends.mps.is_available():
+        p.error("--device mps, but MPS is not available (try --device cpu)")
+    if args.resume + args.bench + (args.sample_only or args.eval) > 1:
+        p.error("choose one of --resume, --bench and --sample-only/--eval")
+    if args.bench and world_size > 1:
+        p.error("--bench runs in one process: start it with python, not torchrun")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Utilities: device and precision, DDP, output paths, checkpoints, figures, --bench
+
+
+def fail(message, code=2):
+    """Exit with one clear line instead of a traceback (bad checkpoint, missing data)."""
+    print(f"{SCRIPT}.py: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def precision(name, device):
+    """(dtype, autocast context). bf16/fp16 autocast runs convs and matmuls in half precision,
+    norms, softmax and the loss in fp32; with fp32 the context is a no-op, so one `with ctx:`
+    serves every precision. TF32 tensor cores only with mixed precision: fp32 stays true fp32."""
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    torch.set_float32_matmul_precision("highest" if dtype == torch.float32 else "high")
+    fp32 = dtype == torch.float32
+    return dtype, contextlib.nullcontext() if fp32 else torch.autocast(device.type, dtype=dtype)
+
+
+def setup_distributed(device_name):
+    """DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python` is one process.
+    Returns (rank, world_size, device); device "auto" picks cuda > mps > cpu."""
+    if device_name == "auto":
+        mps = torch.backends.mps.is_available()
+        device_name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    device = torch.device(device_name)
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def seed_step(seed, rank, step):
+    """Seed the draws of one training step (t, noise, label dropout, flips, dropout masks) from
+    (seed, rank, step) alone: a resumed run continues exactly, with no random state to save."""
+    torch.manual_seed(hash((seed, rank, step)))
+
+
+def check_window(window, stop_requested, world_size):
+    """The last losses on the CPU (one device sync), and the flags (non-finite loss, stop
+    requested) as all ranks agree on them, so that they stop together."""
+    losses = torch.stack(window).float()
+    flags = torch.tensor([not losses.isfinite().all(), stop_requested], device=losses.device)
+    if world_size > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    nonfinite, stop = flags.tolist()
+    return losses.cpu(), nonfinite, stop
+
+
+class StopSignal:
+    """Ctrl-C (SIGINT) or SIGTERM (torchrun, schedulers) sets a flag, so the training loop can save
+    a checkpoint and exit cleanly at its next check. A second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def check_output_paths(out_dir, ckpt_path, writes_ckpt):
+    """Fail now, with one line, if the figures or the checkpoint could not be written later: an
+    --out-dir that is a file or read-only, or a --ckpt in a folder that does not exist."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        fail(f"--out-dir {out_dir} is a file, not a folder")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create --out-dir {out_dir} ({e.strerror})")
+    ckpt_dir = os.path.dirname(ckpt_path) or "."
+    if writes_ckpt and not os.path.isdir(ckpt_dir):
+        fail(f"--ckpt {ckpt_path}: the folder {ckpt_dir} does not exist")
+    for folder in (out_dir, ckpt_dir) if writes_ckpt else (out_dir,):
+        try:
+            with tempfile.TemporaryFile(dir=folder):  # a probe: can we create files there?
+                pass
+        except OSError as e:
+            fail(f"cannot write to {folder} ({e.strerror})")
+
+
+def save_checkpoint(state, path):
+    """Atomic save: write a temporary file in the same folder, then rename it over the old one.
+    A crash or kill during torch.save leaves the previous checkpoint untouched."""
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path, args):
+    """Load a checkpoint of this script and take the MODEL_ARGS flags from it (into args); a flag
+    given on the command line that contradicts it gets one line and exit code 2."""
+    if not os.path.isfile(path):
+        fail(f"no checkpoint at {path}; train first, or point --ckpt at one")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, wrong format, pickled code: all mean "not loadable"
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT or "model_args" not in ckpt:
+        fail(f"{path} was not written by {SCRIPT}.py")
+    for key, saved in ckpt["model_args"].items():
+        if key in args.given and getattr(args, key) != saved:
+            flag = "--" + key.replace("_", "-")
+            value = ",".join(map(str, saved)) if isinstance(saved, list) else saved
+            fail(f"{path} was trained with {flag} {value}; leave {flag} out or pass {flag} {value}")
+        setattr(args, key, saved)
+    return ckpt
+
+
+def pyplot():
+    """matplotlib is imported only when a figure is drawn, so importing the script stays fast."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_image_grid(images, path, nrow, title, col_labels=None, row_labels=None):
+    """Save (nrow * ncol, C, H, W) images in [-1, 1], laid out row by row, as a labelled PNG."""
+    plt = pyplot()
+    n, c, h, w = images.shape
+    ncol = n // nrow
+    x = F.pad((images.float().cpu().clamp(-1, 1) + 1) / 2, (1, 1, 1, 1), value=1.0)
+    h, w = h + 2, w + 2  # with a one-pixel white frame
+    x = x.view(nrow, ncol, c, h, w).permute(0, 3, 1, 4, 2).reshape(nrow * h, ncol * w, c)
+    fig, ax = plt.subplots(figsize=(1 + 0.8 * ncol, 0.8 + 0.8 * nrow))
+    ax.imshow(x.squeeze(-1).numpy(), cmap="gray" if c == 1 else None, vmin=0, vmax=1)
+    ax.set_xticks([w * (i + 0.5) for i in range(ncol)] if col_labels else [])
+    ax.set_xticklabels(col_labels or [], rotation=45, ha="right", fontsize=8)
+    ax.set_yticks([h * (i + 0.5) for i in range(nrow)] if row_labels else [])
+    ax.set_yticklabels(row_labels or [], fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+def save_loss_curve(losses, path, title):
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(losses, lw=0.5, alpha=0.4, label="per step")
+    window = max(1, len(losses) // 50)
+    smooth = torch.tensor(losses).unfold(0, window, 1).mean(1)
+    ax.plot(range(window - 1, len(losses)), smooth, label=f"mean of {window} steps")
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title=title)
+    ax.legend()
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+def benchmark(args, device):
+    """--bench: the training step and CFG sampling of the configuration the flags select ("fast")
+    against the plain one (fp32, eager, NCHW), both built by setup() as a real run builds them,
+    on random data of the training shape; medians of three alternating rounds. The first
+    --bench-steps steps (the warm-up) also compare the losses, same weights and random draws."""
+    plain = argparse.Namespace(**{**vars(args), "dtype": "fp32", "compile": False,
+                                  "channels_last": False})  # fmt: skip
+    B, n, shape = args.batch_size, args.bench_samples, (1 if args.dataset == "mnist" else 3, 32, 32)
+    x0, y = torch.randn(B, *shape, device=device).clamp(-1, 1), torch.arange(B) % NUM_CLASSES
+    noise, labels = torch.randn(n, *shape, device=device), torch.arange(n) % NUM_CLASSES
+    runs, losses, times = {}, {}, {"fast": ([], []), "plain": ([], [])}
+    for name, variant in (("fast", args), ("plain", plain)):
+        run = runs[name] = setup(variant, device, total_steps=10**6)
+        run.flags, losses[name] = variant, []
+        run.train = partial(run.step, x0.contiguous(memory_format=run.memory_format), y.to(device))
+        emb = run.sampler.class_emb(labels.to(device))
+        run.sample_all = partial(run.sample, run.sampler, emb, noise, args.guidance_scale)
+        for i in range(args.bench_steps):  # warm-up (compilation), the same draws in both
+            torch.manual_seed(i)
+            losses[name].append(run.train(0.999).item())
+        with run.ctx:
+            run.sample_all()
+    for _ in range(3):  # alternate, so that clock or thermal drift hits both variants alike
+        for name, run in runs.items():
+            precision(run.flags.dtype, device)  # TF32 on or off, as in that variant
+            times[name][0].append(timed(partial(run.train, 0.999), device, args.bench_steps))
+            with run.ctx:
+                times[name][1].append(timed(run.sample_all, device))
+    cuda = device.type == "cuda"
+    hw = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n{SCRIPT} --bench on {hw}, torch {torch.__version__}: train batch {B}, CFG sampling "
+          f"of {n} images x {args.sample_steps} DDIM steps\n"
+          "variant  train ms/step  train img/s  sample s  sample img/s")  # fmt: skip
+    (tf, sf), (tp, sp) = ([statistics.median(t) for t in times[k]] for k in ("fast", "plain"))
+    for name, step_s, sample_s in (("fast", tf, sf), ("plain", tp, sp)):
+        print(
+            f"{name:8} {1e3 * step_s:13.1f} {B / step_s:12.1f} {sample_s:9.3g} {n / sample_s:13.1f}"
+        )
+    gaps = [abs(f - p) / p for f, p in zip(losses["fast"], losses["plain"])]
+    print(f"speed-up fast / plain: training {tp / tf:.2f}x, sampling {sp / sf:.2f}x\nloss, fast vs "
+          f"plain, first {len(gaps)} steps: mean relative difference {statistics.mean(gaps):.2e}, "
+          f"max {max(gaps):.2e}")  # fmt: skip
+    return times, losses
+
+
+def timed(fn, device, repeat=1):
+    """Seconds per call of fn, over `repeat` back-to-back calls, the device synchronised."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / repeat
 
 
 if __name__ == "__main__":

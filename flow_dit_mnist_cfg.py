@@ -18,6 +18,7 @@ Papers:
   Logit-normal t     Esser et al. 2024 (SD3)     https://arxiv.org/abs/2403.03206
   DiT, adaLN-Zero    Peebles & Xie 2022          https://arxiv.org/abs/2212.09748
   CFG                Ho & Salimans 2022          https://arxiv.org/abs/2207.12598
+  CFG interval       Kynkaanniemi et al. 2024    https://arxiv.org/abs/2404.07724
   Heun ODE sampler   Karras et al. 2022 (EDM)    https://arxiv.org/abs/2206.00364
 
 Commands:
@@ -27,17 +28,13 @@ Commands:
   python flow_dit_mnist_cfg.py --sample-only        # figures again from that checkpoint
   python flow_dit_mnist_cfg.py --eval               # class-fidelity table from that checkpoint
   python flow_dit_mnist_cfg.py --bench --compile    # speed table: fast vs plain path
-  python flow_dit_mnist_cfg.py --dataset synthetic --width 64 --depth 2 --epochs 2 --device cpu
-                                                    # offline CPU smoke run, a few minutes
+@@laptop@@
 
 Outputs (in --out-dir): ckpt.pt, loss.png, samples_epochNNN.png previews, and the experiments
 class_grid.png, cfg_scales.png, uncond_cond_cfg.png, class_embeddings.png; --eval adds
 classifier.pt, eval.csv and eval.png.
 
-Measured so far (README.md has the commands): on the 5k-digit MNIST subset, a 0.47M-parameter
-model trained for 8 minutes on a shared 2-core CPU is classified as the requested digit 10% of
-the time at w=0 (chance), 18% at w=1 and 35% at w=4, while within-class diversity falls. GPU
-figures (full MNIST, the default 16M-parameter model) are not measured yet.
+@@measured@@
 
 Left out on purpose: latent space / VAE (28x28 pixels are cheap), FID (the classifier table
 measures what this lesson is about), learned sigma, timestep shifting, adaptive ODE solvers,
@@ -57,6 +54,7 @@ import sys
 import tempfile
 import time
 from functools import partial
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -72,352 +70,13 @@ NULL_CLASS = NUM_CLASSES  # the learned "no label" row of the class embedding ta
 IMAGE_SIZE = 28  # MNIST and the synthetic digits are both 1 x 28 x 28
 IN_CHANNELS = 1
 CFG_SCALES = (1, 2, 3, 4, 5, 7)  # guidance scales of the CFG-scale comparison figure
-# Flags that fix the network's shapes: a checkpoint only loads if they match.
-ARCH_FLAGS = "dataset width depth heads patch_size mlp_ratio cond_dim conv_channels"
+# The flags that fix the network. A checkpoint stores them (as nanoGPT stores model_args):
+# --sample-only, --eval and --resume take them from it.
+MODEL_ARGS = "dataset width depth heads patch_size mlp_ratio cond_dim conv_channels".split()
+CHECKPOINT_PARTS = ("model", "ema", "optimizer", "scheduler", "scaler")  # with state_dict()s
 
 # -----------------------------------------------------------------------------
-# Config
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of the whole usage block, exit code 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def checked(convert, is_valid, expected):
-    """An argparse `type`: convert the text, then validate it, so that a bad value gets a one-line
-    error naming the flag, before any data or model is touched."""
-
-    def parse(text):
-        try:
-            value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or not is_valid(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
-
-    return parse
-
-
-def split(text, convert):
-    return [convert(v) for v in text.split(",")]
-
-
-positive_int = checked(int, lambda v: v > 0, "a positive integer")
-nonnegative_int = checked(int, lambda v: v >= 0, "an integer >= 0")
-positive_float = checked(float, lambda v: 0 < v < math.inf, "a positive number")
-nonnegative_float = checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
-probability = checked(float, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
-interval_pair = checked(  # "0.2,0.8" -> (0.2, 0.8)
-    lambda text: tuple(split(text, float)),
-    lambda v: len(v) == 2 and 0 <= v[0] < v[1] <= 1,
-    "two numbers LO,HI with 0 <= LO < HI <= 1, like 0.2,0.8",
-)
-float_list = checked(partial(split, convert=float), lambda v: 0 <= min(v) <= max(v) < math.inf,
-                     "numbers >= 0 like 0,1,4")  # fmt: skip
-
-
-def get_args(argv=None):
-    parser = ArgumentParser(
-        prog=f"{SCRIPT}.py",
-        description="Class-conditional flow matching with a DiT on MNIST, with CFG.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    # fmt: off
-    g = parser.add_argument_group("data")
-    g.add_argument("--dataset", choices=("mnist", "synthetic"), default="mnist",
-                   help="torchvision MNIST, or procedural seven-segment digits built in memory")
-    g.add_argument("--data-dir", default="data", help="where torchvision finds or downloads MNIST")
-    g.add_argument("--synthetic-size", type=positive_int, default=10000,
-                   help="number of images in --dataset synthetic")
-    g = parser.add_argument_group("model")
-    g.add_argument("--width", type=positive_int, default=256, help="transformer width (channels)")
-    g.add_argument("--depth", type=positive_int, default=6, help="number of DiT blocks")
-    g.add_argument("--heads", type=positive_int, default=8, help="attention heads per block")
-    g.add_argument("--patch-size", type=positive_int, default=4,
-                   help="patch side in pixels; must divide 28 (4 gives 7x7 = 49 tokens)")
-    g.add_argument("--mlp-ratio", type=positive_float, default=4.0,
-                   help="MLP hidden width as a multiple of --width")
-    g.add_argument("--cond-dim", type=positive_int, default=1024,
-                   help="width of the conditioning vector c = embed(t) + embed(y)")
-    g.add_argument("--conv-channels", type=nonnegative_int, default=0,
-                   help="if > 0: a 3x3 conv stem before patchify and a 3x3 conv after "
-                        "unpatchify with this many channels (hides the patch grid); 0 = plain DiT")
-    g.add_argument("--label-init-std", type=positive_float, default=0.02,
-                   help="std of the initial class embeddings (DiT: 0.02; 1, nn.Embedding's "
-                        "default, lets the condition be learned much sooner)")
-    g = parser.add_argument_group("flow matching")
-    g.add_argument("--t-sampling", choices=("uniform", "logit-normal"), default="uniform",
-                   help="training distribution of t: U(0, 1) or sigmoid(N(0, 1)) (Esser et al.)")
-    g = parser.add_argument_group("training")
-    g.add_argument("--epochs", type=positive_int, default=30, help="passes over the training set")
-    g.add_argument("--max-steps", type=positive_int, default=None,
-                   help="stop after this many optimizer steps in all (smoke runs); the lr "
-                        "schedule still spans --epochs")
-    g.add_argument("--batch-size", type=positive_int, default=128,
-                   help="global batch size, split evenly over torchrun ranks")
-    g.add_argument("--lr", type=positive_float, default=1e-4, help="peak AdamW learning rate")
-    g.add_argument("--weight-decay", type=nonnegative_float, default=0.01, help="AdamW decay")
-    g.add_argument("--warmup-steps", type=nonnegative_int, default=500,
-                   help="steps of linear lr warm-up before the cosine decay")
-    g.add_argument("--grad-clip", type=positive_float, default=1.0, help="max gradient norm")
-    g.add_argument("--p-uncond", type=probability, default=0.1,
-                   help="probability of replacing the label by the null class (CFG training)")
-    g.add_argument("--ema-decay", type=probability, default=0.9999,
-                   help="EMA decay of the weights used for sampling (with warm-up)")
-    g.add_argument("--log-every", type=positive_int, default=50,
-                   help="steps between loss checks and progress-bar updates")
-    g.add_argument("--save-every", type=positive_int, default=1, help="epochs between checkpoints")
-    g.add_argument("--sample-every", type=positive_int, default=5,
-                   help="epochs between preview grids")
-    g.add_argument("--resume", action="store_true",
-                   help="continue from --ckpt, or from ckpt.pt in --out-dir")
-    g = parser.add_argument_group("sampling")
-    g.add_argument("--guidance-scale", type=nonnegative_float, default=4.0,
-                   help="CFG scale w: 0 unconditional, 1 conditional, > 1 guided")
-    g.add_argument("--sample-steps", type=positive_int, default=50,
-                   help="ODE steps from t=1 (noise) to t=0 (data)")
-    g.add_argument("--guidance-interval", type=interval_pair, default=(0.0, 1.0), metavar="LO,HI",
-                   help="guide only while t is in [LO, HI] (Kynkaanniemi et al. 2024; t = 1 is "
-                        "noise), conditional elsewhere; 0,1 = the whole path")
-    g.add_argument("--solver", choices=("euler", "heun"), default="euler",
-                   help="ODE solver; Heun is 2nd order and costs two model calls per step")
-    g.add_argument("--digit", type=int, choices=range(NUM_CLASSES), default=7, metavar="0..9",
-                   help="digit shown in the CFG-scale comparison")
-    g.add_argument("--grid-rows", type=positive_int, default=8,
-                   help="samples per digit in class_grid.png and per w in cfg_scales.png")
-    g.add_argument("--sample-only", action="store_true",
-                   help="no training: load --ckpt and make the figures")
-    g.add_argument("--ckpt", default=None,
-                   help="checkpoint for --sample-only, --eval and --resume "
-                        "(default: --out-dir/ckpt.pt)")
-    g = parser.add_argument_group("evaluation")
-    g.add_argument("--eval", action="store_true",
-                   help="no training: load --ckpt, score samples with a classifier, write eval.csv")
-    g.add_argument("--eval-per-class", type=positive_int, default=100,
-                   help="generated samples per class and per w in --eval (at least 2)")
-    g.add_argument("--eval-scales", type=float_list, default=[0, 1, 2, 3, 4, 5, 7],
-                   help="comma-separated guidance scales w scored by --eval")
-    g.add_argument("--eval-interval", type=interval_pair, default=(0.0, 0.7), metavar="LO,HI",
-                   help="guidance interval of the table's extra rows (one per w > 1)")
-    g.add_argument("--classifier-epochs", type=positive_int, default=10,
-                   help="epochs of the eval classifier (cached in OUT_DIR/classifier.pt)")
-    g = parser.add_argument_group("system")
-    g.add_argument("--out-dir", default="out/flow_dit_mnist",
-                   help="checkpoint, figures and the eval table go here")
-    g.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
-                   help="auto picks cuda > mps > cpu")
-    g.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                   help="autocast dtype; auto = bf16 on CUDA if supported, else fp32")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--seed", type=nonnegative_int, default=0, help="random seed")
-    g.add_argument("--bench", action="store_true",
-                   help="time training and sampling, fast vs plain configuration, then exit")
-    g.add_argument("--bench-steps", type=positive_int, default=20,
-                   help="timed training steps per variant and repetition in --bench")
-    g.add_argument("--bench-samples", type=positive_int, default=256,
-                   help="images per timed CFG sampling run in --bench")
-    # fmt: on
-    args = parser.parse_args(argv)
-
-    # Cross-flag checks, still one line and exit code 2, before any data or model is touched.
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if args.batch_size % world_size:
-        parser.error(f"--batch-size {args.batch_size} is not divisible by the {world_size} ranks")
-    if IMAGE_SIZE % args.patch_size:
-        parser.error(f"--patch-size {args.patch_size} must divide the image size {IMAGE_SIZE}")
-    if args.width % args.heads:
-        parser.error(f"--width {args.width} must be divisible by --heads {args.heads}")
-    if args.width % 4:
-        parser.error(f"--width {args.width} must be divisible by 4 (2-D sin-cos embedding)")
-    if args.eval_per_class < 2:
-        parser.error("--eval-per-class must be at least 2 (diversity is a pairwise distance)")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda, but no CUDA device is visible (try --device cpu)")
-    if args.device == "mps" and not torch.backends.mps.is_available():
-        parser.error("--device mps, but MPS is not available (try --device cpu)")
-    if args.resume + args.bench + (args.sample_only or args.eval) > 1:
-        parser.error("choose one of --resume, --bench and --sample-only/--eval")
-    if args.bench and world_size > 1:
-        parser.error("--bench runs in one process: start it with python, not torchrun")
-    return args
-
-
-# -----------------------------------------------------------------------------
-# Utilities
-
-
-def fail(message, code=2):
-    """Exit with one clear line instead of a traceback (bad checkpoint, missing data)."""
-    print(f"{SCRIPT}.py: error: {message}", file=sys.stderr)
-    raise SystemExit(code)
-
-
-def resolve_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    return torch.device(name)
-
-
-def resolve_dtype(name, device):
-    if name == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        name = "bf16" if cuda_bf16 else "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
-def autocast_context(device, dtype):
-    """bf16/fp16 autocast: matmuls in half precision, norms, softmax and the loss in fp32.
-    With fp32 it is a no-op, so one `with ctx:` serves every precision."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def set_matmul_precision(dtype):
-    """TF32 tensor cores for the fp32 matmuls that autocast leaves, only when mixed precision is on,
-    so that --dtype fp32 stays true fp32."""
-    torch.set_float32_matmul_precision("highest" if dtype == torch.float32 else "high")
-
-
-def check_output_paths(out_dir, ckpt_path, writes_ckpt):
-    """Fail now, with one line, if the figures or the checkpoint could not be written later: an
-    --out-dir that is a file or read-only, or a --ckpt in a folder that does not exist."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        fail(f"--out-dir {out_dir} is a file, not a folder")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        fail(f"cannot create --out-dir {out_dir} ({e.strerror})")
-    folders = [out_dir]
-    if writes_ckpt:
-        folders.append(os.path.dirname(ckpt_path) or ".")
-        if not os.path.isdir(folders[-1]):
-            fail(f"--ckpt {ckpt_path}: the folder {folders[-1]} does not exist")
-    for folder in folders:
-        try:
-            with tempfile.TemporaryFile(dir=folder):  # a probe: can we create files there?
-                pass
-        except OSError as e:
-            fail(f"cannot write to {folder} ({e.strerror})")
-
-
-def seed_step(seed, rank, step):
-    """Seed the draws of one training step (t, noise, label dropout) from (seed, rank, step)
-    alone: a resumed run continues exactly, with no random state to save."""
-    torch.manual_seed(hash((seed, rank, step)))
-
-
-def setup_distributed(device_name):
-    """DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python` is one process.
-    Returns (rank, world_size, device)."""
-    device = resolve_device(device_name)
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-class StopSignal:
-    """Ctrl-C (SIGINT) or SIGTERM (torchrun, schedulers) sets a flag, so the training loop can save
-    a checkpoint and exit cleanly at the next step. A second Ctrl-C aborts at once."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-def get_pyplot():
-    """matplotlib is imported only when a figure is drawn, so importing the script stays fast."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_image_grid(images, path, nrow, title, col_labels=None, row_labels=None):
-    """Save (nrow * ncol, C, H, W) images in [-1, 1], laid out row by row, as a labelled PNG."""
-    plt = get_pyplot()
-    n, c, h, w = images.shape
-    ncol = n // nrow
-    x = F.pad((images.float().cpu().clamp(-1, 1) + 1) / 2, (1, 1, 1, 1), value=1.0)
-    h, w = h + 2, w + 2  # with a one-pixel white frame
-    x = x.view(nrow, ncol, c, h, w).permute(0, 3, 1, 4, 2).reshape(nrow * h, ncol * w, c)
-    fig, ax = plt.subplots(figsize=(1 + 0.8 * ncol, 0.8 + 0.8 * nrow))
-    ax.imshow(x.squeeze(-1).numpy(), cmap="gray" if c == 1 else None, vmin=0, vmax=1)
-    ax.set_xticks([w * (i + 0.5) for i in range(ncol)] if col_labels else [])
-    ax.set_xticklabels(col_labels or [], fontsize=8)
-    ax.set_yticks([h * (i + 0.5) for i in range(nrow)] if row_labels else [])
-    ax.set_yticklabels(row_labels or [], fontsize=8)
-    ax.set_title(title, fontsize=10)
-    fig.savefig(path, dpi=150, bbox_inches="tight")
-    plt.close(fig)
-
-
-def save_loss_curve(losses, path, title):
-    plt = get_pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(losses, lw=0.5, alpha=0.4, label="per step")
-    window = max(1, len(losses) // 50)
-    smooth = torch.tensor(losses).unfold(0, window, 1).mean(1)  # moving average
-    ax.plot(range(window - 1, len(losses)), smooth, label=f"mean of {window} steps")
-    ax.set(xlabel="step", ylabel="loss", yscale="log", title=title)
-    ax.legend()
-    fig.savefig(path, dpi=150, bbox_inches="tight")
-    plt.close(fig)
-
-
-def save_checkpoint(state, path):
-    """Atomic save: write a temporary file in the same folder, then rename it over the old one.
-    A crash or kill during torch.save leaves the previous checkpoint untouched."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, args):
-    """Load a checkpoint of this script and check that its architecture flags match this run;
-    anything else ends with one clear line (exit code 2)."""
-    if not os.path.isfile(path):
-        fail(f"no checkpoint at {path}; train first, or point --ckpt at one")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, wrong format, pickled code: all mean "not loadable"
-        fail(f"{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
-        fail(f"{path} was not written by {SCRIPT}.py")
-    for key in ARCH_FLAGS.split():
-        saved, ours = ckpt["args"][key], getattr(args, key)
-        if saved != ours:
-            flag = "--" + key.replace("_", "-")
-            fail(
-                f"{path} was trained with {flag} {saved}, this run has {ours}; pass {flag} {saved}"
-            )
-    return ckpt
-
-
-# -----------------------------------------------------------------------------
-# Probability path
+# Flow matching: the probability path and the loss with label dropout
 # Time convention, used everywhere below: t = 0 is data, t = 1 is pure noise.
 #   x_t = (1 - t) x0 + t x1,   x0 ~ data,  x1 ~ N(0, I)
 #   dx_t/dt = x1 - x0 = v      (the velocity the model learns; constant along each straight line)
@@ -437,6 +96,68 @@ def interpolate(x0, x1, t):
     """x_t = (1 - t) x0 + t x1, t of shape (B,) broadcast over (B, C, H, W)."""
     t = t.view(-1, 1, 1, 1)
     return (1 - t) * x0 + t * x1
+
+
+def flow_loss(model, x0, y, p_uncond, t_sampling="uniform"):
+    """Conditional flow matching: E || v_theta(x_t, t, y) - (x1 - x0) ||^2 with label dropout."""
+    B = x0.shape[0]
+    # Label dropout: with probability p_uncond the label becomes the null class, so the same
+    # network also learns the unconditional velocity that CFG needs at sampling time.
+    y = torch.where(torch.rand(B, device=y.device) < p_uncond, NULL_CLASS, y)
+    t = sample_t(B, x0.device, t_sampling)  # (B,)
+    x1 = torch.randn_like(x0)  # (B, C, H, W) the noise end of each straight path
+    x_t = interpolate(x0, x1, t)  # (B, C, H, W)
+    v_pred = model(x_t, t, y)  # (B, C, H, W)
+    return F.mse_loss(v_pred.float(), x1 - x0)  # target: the velocity dx_t/dt = x1 - x0
+
+
+# -----------------------------------------------------------------------------
+# Sampling: classifier-free guidance and the ODE solvers
+
+
+@torch.no_grad()
+def guided_velocity(model, x, t, y, w):
+    """Classifier-free guidance (Ho & Salimans 2022): v = v_uncond + w * (v_cond - v_uncond).
+    w = 1 is the plain conditional velocity, w = 0 the unconditional one, w > 1 pushes samples
+    further towards the class. Both velocities come from ONE batched forward pass over [x; x]
+    with labels [y; null] (only the conditional half at w = 1); combined in float32."""
+    if w == 1:
+        return model(x, t, y).float()
+    null = torch.full_like(y, NULL_CLASS)
+    v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))  # (2B, C, H, W)
+    v_cond, v_uncond = v.float().chunk(2)  # 2 x (B, C, H, W)
+    return v_uncond + w * (v_cond - v_uncond)
+
+
+@torch.no_grad()
+def sample_ode(velocity_fn, x1, steps, solver="euler"):
+    """Integrate dx/dt = velocity_fn(x, t) from t = 1 (noise x1) to t = 0 (data) in `steps` equal
+    steps of dt = -1/steps; velocity_fn maps x (B, ...) and a time t (a float) to a velocity.
+      Euler: x <- x + dt v(x, t)                                     (1 call per step)
+      Heun:  x' = x + dt v(x, t);  x <- x + dt (v(x, t) + v(x', t + dt)) / 2   (2 calls)"""
+    x = x1.float()
+    ts = torch.linspace(1.0, 0.0, steps + 1).tolist()  # floats: no device sync per step
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        dt = t_next - t  # negative: we walk from noise back to data
+        v = velocity_fn(x, t)
+        if solver == "heun":
+            v = 0.5 * (v + velocity_fn(x + dt * v, t_next))
+        x = x + dt * v
+    return x
+
+
+@torch.no_grad()
+def generate(model, y, w, noise, steps, solver="euler", interval=(0.0, 1.0)):
+    """Images in [-1, 1] of the classes y (B,) at guidance scale w, from noise (B, C, H, W).
+    Guidance interval (Kynkaanniemi et al. 2024): guide only while t lies in `interval` and use
+    the conditional velocity (w = 1) elsewhere; (0, 1) guides the whole path. Callers run it under
+    the autocast context."""
+
+    def velocity(x, t):
+        w_t = w if interval[0] <= t <= interval[1] else 1.0
+        return guided_velocity(model, x, torch.full((len(x),), t, device=x.device), y, w_t)
+
+    return sample_ode(velocity, noise, steps, solver).clamp(-1, 1)
 
 
 # -----------------------------------------------------------------------------
@@ -638,6 +359,11 @@ class DiT(nn.Module):
         return self.head(self.unpatchify(x))  # (B, C, H, W)
 
 
+def build_model(args):
+    return DiT(IMAGE_SIZE, args.patch_size, IN_CHANNELS, args.width, args.depth, args.heads,
+               args.mlp_ratio, args.cond_dim, args.conv_channels, args.label_init_std)  # fmt: skip
+
+
 # -----------------------------------------------------------------------------
 # Data
 # The whole training set is held in memory as one uint8 tensor (MNIST: 47 MB); batches are drawn
@@ -728,119 +454,10 @@ def epoch_batches(num_items, batch_size, epoch, seed, rank=0, world_size=1, devi
 
 
 # -----------------------------------------------------------------------------
-# Training
-
-
-def flow_loss(model, x0, y, p_uncond, t_sampling="uniform"):
-    """Conditional flow matching: E || v_theta(x_t, t, y) - (x1 - x0) ||^2 with label dropout."""
-    B = x0.shape[0]
-    # Label dropout: with probability p_uncond the label becomes the null class, so the same
-    # network also learns the unconditional velocity that CFG needs at sampling time.
-    y = torch.where(torch.rand(B, device=y.device) < p_uncond, NULL_CLASS, y)
-    t = sample_t(B, x0.device, t_sampling)  # (B,)
-    x1 = torch.randn_like(x0)  # (B, C, H, W) the noise end of each straight path
-    x_t = interpolate(x0, x1, t)  # (B, C, H, W)
-    v_pred = model(x_t, t, y)  # (B, C, H, W)
-    return F.mse_loss(v_pred.float(), x1 - x0)  # target: the velocity dx_t/dt = x1 - x0
-
-
-@torch.no_grad()
-def update_ema(ema, model, decay):
-    """ema = decay * ema + (1 - decay) * model, for all tensors in one multi-tensor kernel."""
-    ema_params, params = list(ema.parameters()), list(model.parameters())
-    torch._foreach_lerp_(ema_params, params, 1 - decay)
-
-
-def ema_decay_at(step, decay):
-    """EMA warm-up: early on the average would be stuck near the random init, so the effective
-    decay grows as (1 + step) / (10 + step) until it reaches the configured value."""
-    return min(decay, (1 + step) / (10 + step))
-
-
-def warmup_cosine(step, warmup_steps, total_steps):
-    """lr multiplier: linear warm-up from 0 to 1, then cosine decay to 0 at total_steps."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model, lr, weight_decay, device):
-    # fused AdamW: one kernel for the whole update instead of several per parameter tensor
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(model.parameters(), lr, weight_decay=weight_decay, fused=fused)
-
-
-def train_step(model, ema, optimizer, scheduler, scaler, ctx, x0, y, ema_decay, grad_clip, loss_fn):
-    """loss -> backward -> clip -> AdamW -> lr schedule -> EMA. Returns the loss without syncing
-    (no .item()), so the GPU can run ahead of Python."""
-    with ctx:
-        loss = loss_fn(model, x0, y)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()  # the scaler is a no-op except with --dtype fp16
-    scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
-    update_ema(ema, model, ema_decay)
-    return loss.detach()
-
-
-# -----------------------------------------------------------------------------
-# Sampling
-
-
-@torch.no_grad()
-def guided_velocity(model, x, t, y, w):
-    """Classifier-free guidance (Ho & Salimans 2022): v = v_uncond + w * (v_cond - v_uncond).
-    w = 1 is the plain conditional velocity, w = 0 the unconditional one, w > 1 pushes samples
-    further towards the class. Both velocities come from ONE batched forward pass over [x; x]
-    with labels [y; null] (only the conditional half at w = 1); combined in float32."""
-    if w == 1:
-        return model(x, t, y).float()
-    null = torch.full_like(y, NULL_CLASS)
-    v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))  # (2B, C, H, W)
-    v_cond, v_uncond = v.float().chunk(2)  # 2 x (B, C, H, W)
-    return v_uncond + w * (v_cond - v_uncond)
-
-
-@torch.no_grad()
-def sample_ode(velocity_fn, x1, steps, solver="euler"):
-    """Integrate dx/dt = velocity_fn(x, t) from t = 1 (noise x1) to t = 0 (data) in `steps` equal
-    steps of dt = -1/steps; velocity_fn maps x (B, ...) and a time t (a float) to a velocity.
-      Euler: x <- x + dt v(x, t)                                     (1 call per step)
-      Heun:  x' = x + dt v(x, t);  x <- x + dt (v(x, t) + v(x', t + dt)) / 2   (2 calls)"""
-    x = x1.float()
-    ts = torch.linspace(1.0, 0.0, steps + 1).tolist()  # floats: no device sync per step
-    for t, t_next in zip(ts[:-1], ts[1:]):
-        dt = t_next - t  # negative: we walk from noise back to data
-        v = velocity_fn(x, t)
-        if solver == "heun":
-            v = 0.5 * (v + velocity_fn(x + dt * v, t_next))
-        x = x + dt * v
-    return x
-
-
-@torch.no_grad()
-def generate(model, y, w, noise, steps, solver="euler", ctx=None, interval=(0.0, 1.0)):
-    """Images in [-1, 1] of the classes y (B,) at guidance scale w, from noise (B, C, H, W).
-    Guidance interval (Kynkaanniemi et al. 2024): guide only while t lies in `interval` and use
-    the conditional velocity (w = 1) elsewhere; (0, 1) guides the whole path."""
-
-    def velocity(x, t):
-        w_t = w if interval[0] <= t <= interval[1] else 1.0
-        with ctx or contextlib.nullcontext():
-            return guided_velocity(model, x, torch.full((len(x),), t, device=x.device), y, w_t)
-
-    return sample_ode(velocity, noise, steps, solver).clamp(-1, 1)
-
-
-# -----------------------------------------------------------------------------
 # Experiments
 # Each takes the model and `sample`, generate() with its settings bound (functools.partial: steps,
-# solver, autocast, guidance interval), so it runs from any checkpoint. Every figure reuses fixed
-# noise so that only the quantity being studied changes.
+# solver, guidance interval), so it runs from any checkpoint. Every figure reuses fixed noise so
+# that only the quantity being studied changes.
 
 
 def fixed_noise(n, seed, device):
@@ -880,7 +497,7 @@ def plot_uncond_cond_cfg(model, sample, path, w, seed):
 def plot_class_embeddings(model, path):
     """The learned class table, null row included: the raw matrix, the correlation between rows,
     and a 2-D PCA of the rows (the null row in red)."""
-    plt = get_pyplot()
+    plt = pyplot()
     emb = model.y_embedder.table.weight.detach().float().cpu().numpy()  # (11, cond_dim)
     names = [*"0123456789", "null"]
     corr = np.corrcoef(emb)  # (11, 11)
@@ -908,15 +525,16 @@ def plot_class_embeddings(model, path):
     plt.close(fig)
 
 
-def run_experiments(model, sample, losses, out_dir, w, digit, per_class, seed):
+def run_experiments(ema, sample, losses, args):
     """All figures of the lesson from a trained (EMA) model, no training needed."""
-    model.eval()
-    plot_class_grid(model, sample, os.path.join(out_dir, "class_grid.png"), w, seed, per_class)
-    plot_cfg_scales(model, sample, os.path.join(out_dir, "cfg_scales.png"), digit, seed, per_class)
-    plot_uncond_cond_cfg(model, sample, os.path.join(out_dir, "uncond_cond_cfg.png"), w, seed)
-    plot_class_embeddings(model, os.path.join(out_dir, "class_embeddings.png"))
+    out, w, n, seed = args.out_dir, args.guidance_scale, args.grid_rows, args.seed
+    plot_class_grid(ema, sample, f"{out}/class_grid.png", w, seed, n)
+    plot_cfg_scales(ema, sample, f"{out}/cfg_scales.png", args.digit, seed, n)
+    plot_uncond_cond_cfg(ema, sample, f"{out}/uncond_cond_cfg.png", w, seed)
+    plot_class_embeddings(ema, f"{out}/class_embeddings.png")
     if losses:
-        save_loss_curve(losses, os.path.join(out_dir, "loss.png"), "Flow matching loss (MSE)")
+        save_loss_curve(losses, f"{out}/loss.png", "Flow matching loss (MSE)")
+    print(f"figures written to {out}")
 
 
 # -----------------------------------------------------------------------------
@@ -925,13 +543,6 @@ def run_experiments(model, sample, losses, out_dir, w, digit, per_class, seed):
 # and confidence measure "did we get a 7"; the mean pairwise distance between the samples of one
 # class measures how varied the 7s are. The `real` row scores held-out test digits: a judge that
 # cannot recognise them could not grade generated ones.
-
-
-class ConvBN(nn.Sequential):
-    def __init__(self, in_ch, out_ch):
-        super().__init__(
-            nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU()
-        )
 
 
 class Residual(nn.Module):
@@ -943,36 +554,37 @@ class Residual(nn.Module):
         return x + self.fn(x)
 
 
-def build_classifier(in_channels=IN_CHANNELS):
-    """A small ResNet-style CNN: 0.2M parameters, 98-99% on real test digits."""
+def build_classifier(in_channels):
+    """A small ResNet-style CNN (0.2M parameters): conv-BN-ReLU stages with residual blocks."""
+
+    def conv_bn(cin, cout):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                             nn.ReLU())  # fmt: skip
+
     return nn.Sequential(
-        ConvBN(in_channels, 32), Residual(ConvBN(32, 32)), nn.MaxPool2d(2),  # (B, 32, H/2, W/2)
-        ConvBN(32, 64), Residual(ConvBN(64, 64)), nn.MaxPool2d(2),  # (B, 64, H/4, W/4)
-        ConvBN(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # (B, 128)
+        conv_bn(in_channels, 32), Residual(conv_bn(32, 32)), nn.MaxPool2d(2),  # (B, 32, H/2, W/2)
+        conv_bn(32, 64), Residual(conv_bn(64, 64)), nn.MaxPool2d(2),  # (B, 64, H/4, W/4)
+        conv_bn(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # (B, 128)
         nn.Dropout(0.2), nn.Linear(128, NUM_CLASSES),  # (B, 10) logits
     )  # fmt: skip
 
 
-def random_shift(x, generator, pixels=2):
-    """Augmentation: move each image (B, C, H, W) by up to `pixels` in x and y, filling with -1."""
-    B, _, H, W = x.shape
-    padded = F.pad(x, (pixels,) * 4, value=-1.0)
-    dy, dx = torch.randint(0, 2 * pixels + 1, (2, B), generator=generator).tolist()
-    return torch.stack([padded[i, :, dy[i] : dy[i] + H, dx[i] : dx[i] + W] for i in range(B)])
-
-
 def train_classifier(images, labels, epochs, seed, device, batch_size=128, lr=2e-3):
-    """AdamW with a one-cycle lr schedule on uint8 images (N, C, H, W), randomly shifted."""
+    """AdamW with a one-cycle lr schedule on uint8 images (N, C, H, W); as augmentation every
+    image moves by up to 2 pixels."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # the initial weights and dropout masks
     classifier = build_classifier(images.shape[1]).to(device)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr, weight_decay=1e-4)
     total = epochs * math.ceil(len(images) / batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=total)
+    H, W = images.shape[-2:]
     for _ in range(epochs):
         for idx in torch.randperm(len(images), generator=g).split(batch_size):
-            x = random_shift(to_model_range(images[idx]), g).to(device)
-            loss = F.cross_entropy(classifier(x), labels[idx].to(device))
+            padded = F.pad(to_model_range(images[idx]), (2, 2, 2, 2), value=-1.0)
+            dy, dx = torch.randint(0, 5, (2, len(idx)), generator=g).tolist()
+            x = torch.stack([p[:, i : i + H, j : j + W] for p, i, j in zip(padded, dy, dx)])
+            loss = F.cross_entropy(classifier(x.to(device)), labels[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -990,7 +602,6 @@ def get_classifier(path, trained_from, images, labels, epochs, seed, device):
     if isinstance(state, dict) and state.get("trained_from") == trained_from:
         classifier = build_classifier(images.shape[1]).to(device)
         classifier.load_state_dict(state["model"])
-        print(f"classifier: {path}")
         return classifier.eval()
     t0 = time.time()
     classifier = train_classifier(images, labels, epochs, seed, device)
@@ -999,26 +610,20 @@ def get_classifier(path, trained_from, images, labels, epochs, seed, device):
     return classifier
 
 
-@torch.no_grad()
-def classify(classifier, images, device, batch_size=1000):
-    """Class probabilities (N, 10), on the CPU, of images in [-1, 1]."""
-    probs = [classifier(images[i : i + batch_size].to(device)).float().softmax(-1).cpu()
-             for i in range(0, len(images), batch_size)]  # fmt: skip
-    return torch.cat(probs)
-
-
 def mean_pairwise_distance(images):
     """Mean L2 distance over all pairs of distinct images (N, C, H, W), in [-1, 1] pixel units."""
     flat = images.flatten(1).double()  # (N, C*H*W)
-    n = len(flat)
-    return (torch.cdist(flat, flat).sum() / (n * (n - 1))).item()
+    return (torch.cdist(flat, flat).sum() / (len(flat) * (len(flat) - 1))).item()
 
 
+@torch.no_grad()
 def fidelity(classifier, images, labels, device):
     """accuracy: fraction classified as the requested class; confidence: mean probability of the
     requested class; diversity: mean pairwise distance within a class, averaged over classes;
-    per_class: the accuracy of each class."""
-    probs = classify(classifier, images, device)  # (N, 10)
+    per_class: the accuracy of each class. images (N, C, H, W) in [-1, 1], on the CPU."""
+    probs = torch.cat(
+        [classifier(x.to(device)).float().softmax(-1).cpu() for x in images.split(500)]
+    )
     hit = (probs.argmax(1) == labels).float()  # (N,)
     classes = [c for c in range(NUM_CLASSES) if (labels == c).sum() >= 2]
     return {
@@ -1033,272 +638,150 @@ def evaluate(model, sample, classifier, test_set, scales, interval, per_class, s
     """The --eval table: a `real` row for up to per_class test images of each class, one row per
     guidance scale w on the whole path, and one per w > 1 guided only in `interval`. Every row
     starts from the same noise, so the rows differ only by the guidance."""
-    model.eval()
     device = next(model.parameters()).device
     images, labels = test_set
     real = torch.cat([(labels == c).nonzero()[:per_class, 0] for c in range(NUM_CLASSES)])
-    real_row = fidelity(classifier, to_model_range(images[real]), labels[real], device)
-    rows = [{"w": "real", "interval": None, **real_row}]
+    x_real, y_real = to_model_range(images[real]), labels[real]
+    rows = [{"w": "real", "interval": None, **fidelity(classifier, x_real, y_real, device)}]
     y = torch.arange(NUM_CLASSES).repeat_interleave(per_class)  # (10 * per_class,)
     noise = fixed_noise(len(y), seed, "cpu")
-    settings = [(w, None) for w in scales] + [(w, interval) for w in scales if w > 1]
-    for w, where in settings:
-        kwargs = {} if where is None else {"interval": where}
+    for w, where in [(w, None) for w in scales] + [(w, interval) for w in scales if w > 1]:
         samples = torch.cat([
-            sample(model, y[i : i + 500].to(device), w, noise[i : i + 500].to(device),
-                   **kwargs).cpu()
-            for i in range(0, len(y), 500)
+            sample(model, y_part.to(device), w, noise_part.to(device),
+                   interval=where or (0, 1)).cpu()
+            for y_part, noise_part in zip(y.split(500), noise.split(500))
         ])  # fmt: skip
         rows.append({"w": w, "interval": where, **fidelity(classifier, samples, y, device)})
     return rows
 
 
-def row_label(row):
-    w = row["w"] if row["w"] == "real" else f"{row['w']:g}"
-    return (
-        w if row["interval"] is None else f"{w} in [{row['interval'][0]:g}, {row['interval'][1]:g}]"
-    )
-
-
 def report_eval(rows, class_names, out_dir):
-    """Print the table and the per-class accuracies; write eval.csv, eval_per_class.csv, eval.png
-    (accuracy and diversity against w) and eval_per_class.png (which classes guidance helps)."""
-    print(f"{'w':>16} {'accuracy':>9} {'confidence':>11} {'diversity':>10}")
-    for r in rows:
-        print(f"{row_label(r):>16} {r['accuracy']:9.3f} {r['confidence']:11.3f} "
-              f"{r['diversity']:10.2f}")  # fmt: skip
-    print("accuracy per class:\n" + f"{'w':>16} " + " ".join(f"{n[:7]:>7}" for n in class_names))
-    for r in rows:
-        print(f"{row_label(r):>16} " + " ".join(f"{a:7.2f}" for a in r["per_class"]))
+    """The table on stdout and in eval.csv, with each class's accuracy, and eval.png: accuracy
+    and diversity against w, and which classes guidance helps most."""
+    labels = [f"{r['w']:g}" if r["w"] != "real" else "real" for r in rows]
+    labels = [w + (" in [{:g}, {:g}]".format(*r["interval"]) if r["interval"] else "")
+              for w, r in zip(labels, rows)]  # fmt: skip
+    header = ["w", "accuracy", "confidence", "diversity", *class_names]
+    print(f"{header[0]:>15}" + "".join(f"{h[:10]:>11}" for h in header[1:]))
     with open(os.path.join(out_dir, "eval.csv"), "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["w", "interval", "accuracy", "confidence", "diversity"])
-        for r in rows:
-            where = "" if r["interval"] is None else "{:g}-{:g}".format(*r["interval"])
-            writer.writerow([r["w"], where, r["accuracy"], r["confidence"], r["diversity"]])
-    with open(os.path.join(out_dir, "eval_per_class.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["row", *class_names])
-        writer.writerows([row_label(r), *r["per_class"]] for r in rows)
-
-    plt = get_pyplot()
-    real, full = rows[0], [r for r in rows[1:] if r["interval"] is None]
-    limited = [r for r in rows[1:] if r["interval"] is not None]
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4))
-    for part, style, name in ((full, "o-", "whole path"), (limited, "s--", "interval")):
-        if part:
-            label = name if part is full else row_label(part[0]).split(" ", 1)[1]
-            ax0.plot([r["w"] for r in part], [r["accuracy"] for r in part], style, label=label)
-            ax1.plot([r["w"] for r in part], [r["diversity"] for r in part], style, label=label)
-    ax0.axhline(real["accuracy"], ls=":", c="k", label="real test images")
-    ax1.axhline(real["diversity"], ls=":", c="k", label="real test images")
-    ax0.set(xlabel="guidance scale w", ylabel="classified as requested", ylim=(0, 1.02),
-            title="Class fidelity vs guidance")  # fmt: skip
-    ax1.set(xlabel="guidance scale w", ylabel="mean pairwise L2 within a class",
-            title="Diversity vs guidance")  # fmt: skip
-    ax0.legend()
-    ax1.legend()
+        writer.writerow(header)
+        for label, r in zip(labels, rows):
+            values = [r["accuracy"], r["confidence"], r["diversity"], *r["per_class"]]
+            writer.writerow([label, *values])
+            print(f"{label:>15}" + "".join(f"{v:11.3f}" for v in values))
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    full = [r for r in rows[1:] if r["interval"] is None]
+    for part, style in ((full, "o-"), ([r for r in rows if r["interval"]], "s--")):
+        name = "whole path" if part is full else labels[rows.index(part[0])].split(" ", 1)[1]
+        for ax, key in zip(axes, ("accuracy", "diversity")):
+            ax.plot([r["w"] for r in part], [r[key] for r in part], style, label=name)
+            ax.axhline(rows[0][key], ls=":", c="k")
+    for c, name in enumerate(class_names):
+        axes[2].plot([r["w"] for r in full], [r["per_class"][c] for r in full], "o-", label=name)
+    titles = ("classified as requested", "diversity (dotted: real images)", "accuracy per class")
+    for ax, title in zip(axes, titles):
+        ax.set(xlabel="guidance scale w", title=title)
+        ax.legend(fontsize=7)
     fig.savefig(os.path.join(out_dir, "eval.png"), dpi=150, bbox_inches="tight")
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for c, name in enumerate(class_names):
-        ax.plot([r["w"] for r in full], [r["per_class"][c] for r in full], "o-", label=name)
-    ax.set(xlabel="guidance scale w (whole path)", ylabel="classified as requested",
-           ylim=(0, 1.02), title="Which classes does guidance help most?")  # fmt: skip
-    ax.legend(fontsize=7, ncol=2)
-    fig.savefig(os.path.join(out_dir, "eval_per_class.png"), dpi=150, bbox_inches="tight")
-    plt.close(fig)
 
 
 # -----------------------------------------------------------------------------
-# Benchmark
+# Training
 
 
-def benchmark(args, device):
-    """Time the training step (forward, backward, clip, AdamW, EMA) and CFG sampling
-    (--bench-samples images, --sample-steps steps of --solver) of the configuration the flags
-    select ("fast": --dtype, --compile) against the plain one (fp32, eager), on random inputs of
-    the training shape. The variants alternate three times; the table shows medians. FLOPs:
-    torch.utils.flop_counter. The first --bench-steps steps also compare the two variants'
-    losses. Training-step times average --bench-steps back-to-back steps, so that the CPU can
-    queue work ahead of the GPU as in training."""
-    from torch.utils.flop_counter import FlopCounterMode
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema = decay * ema + (1 - decay) * model, for all tensors in one multi-tensor kernel."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
-    cuda = device.type == "cuda"
-    fast = (resolve_dtype(args.dtype, device), args.compile)
-    variants = {"fast": fast, "plain": (torch.float32, False)}
-    B, n_samples = args.batch_size, args.bench_samples
-    x0 = torch.randn(B, IN_CHANNELS, IMAGE_SIZE, IMAGE_SIZE, device=device).clamp(-1, 1)
-    y = torch.randint(0, NUM_CLASSES, (B,), device=device)
-    noise = torch.randn(n_samples, IN_CHANNELS, IMAGE_SIZE, IMAGE_SIZE, device=device)
-    labels = torch.arange(n_samples, device=device) % NUM_CLASSES
+
+def ema_decay_at(step, decay):
+    """EMA warm-up: early on the average would be stuck near the random init, so the effective
+    decay grows as (1 + step) / (10 + step) until it reaches the configured value."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+def warmup_cosine(step, warmup_steps, total_steps):
+    """lr multiplier: linear warm-up from 0 to 1, then cosine decay to 0 at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_step(model, ema, optimizer, scaler, loss, ema_decay, grad_clip):
+    """backward -> clip -> AdamW -> EMA, for a loss computed (under autocast) from `model`."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()  # the scaler is a no-op except with --dtype fp16
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    update_ema(ema, model, ema_decay)
+
+
+def setup(args, device, total_steps):
+    """Everything a run needs, built the same way for training, --sample-only, --eval and --bench:
+    the model, its EMA and their compiled copies, AdamW, the lr schedule, the loss scaler, the
+    autocast context, one training step and the sampler, its settings bound."""
+    dtype, ctx = precision(args.dtype, device)
+    torch.manual_seed(args.seed)  # the same initial weights, and so the same EMA, on every rank
+    model = build_model(args).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    # fused AdamW: one kernel for the whole update instead of several per parameter tensor
+    fused = device.type in ("cuda", "cpu")
+    optimizer = torch.optim.AdamW(
+        model.parameters(), args.lr, weight_decay=args.weight_decay, fused=fused
+    )
+    lr_lambda = partial(warmup_cosine, warmup_steps=args.warmup_steps, total_steps=total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only
     loss_fn = partial(flow_loss, p_uncond=args.p_uncond, t_sampling=args.t_sampling)
+    train_model = torch.compile(model) if args.compile else model
+    if dist.is_initialized():
+        train_model = DistributedDataParallel(train_model)
 
-    def setup(dtype, compiled):
-        """The two timed closures (one training step, one sampling run) of a variant."""
-        torch.manual_seed(args.seed)  # same initial weights in every variant
-        model = build_model(args).to(device)
-        ema = copy.deepcopy(model).requires_grad_(False).eval()
-        optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        ctx = autocast_context(device, dtype)
-        train_model = torch.compile(model) if compiled else model
-        sample_model = torch.compile(ema) if compiled else ema
-        step = partial(train_step, train_model, ema, optimizer, scheduler, scaler, ctx, x0, y,
-                       args.ema_decay, args.grad_clip, loss_fn)  # fmt: skip
-        sample = partial(generate, sample_model, labels, args.guidance_scale, noise,
-                         args.sample_steps, args.solver, ctx)  # fmt: skip
-        return step, sample
+    def step(x0, y, ema_decay):
+        """One optimizer step; returns the loss without syncing, so the GPU can run ahead."""
+        with ctx:
+            loss = loss_fn(train_model, x0, y)
+        train_step(model, ema, optimizer, scaler, loss, ema_decay, args.grad_clip)
+        scheduler.step()
+        return loss.detach()
 
-    def timed(fn, repeat=1):
-        """Seconds per call of fn, over `repeat` back-to-back calls (CUDA events on a GPU)."""
-        if not cuda:
-            t0 = time.perf_counter()
-            for _ in range(repeat):
-                fn()
-            return (time.perf_counter() - t0) / repeat
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeat):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3 / repeat
-
-    runs, losses = {}, {}
-    times = {name: {"train": [], "sample": [], "peak": 0.0} for name in variants}
-    for name, (dtype, compiled) in variants.items():
-        set_matmul_precision(dtype)
-        runs[name] = step, sample = setup(dtype, compiled)
-        # Warm-up (compilation) and numerics check in one: the first steps of each variant with
-        # the same random draws (seeded per step) on the same batch.
-        t0 = time.perf_counter()
-        losses[name] = []
-        for i in range(args.bench_steps):
-            torch.manual_seed(i)
-            losses[name].append(step().item())
-        sample()
-        times[name]["warmup"] = time.perf_counter() - t0
-    with FlopCounterMode(display=False) as counter:
-        runs["plain"][0]()
-    train_flops = counter.get_total_flops()
-    with FlopCounterMode(display=False) as counter:
-        runs["plain"][1]()
-    sample_flops = counter.get_total_flops()
-
-    for _ in range(3):  # alternate, so that clock or thermal drift hits both variants alike
-        for name, (dtype, _) in variants.items():
-            set_matmul_precision(dtype)
-            step, sample = runs[name]
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(device)
-            times[name]["train"].append(timed(step, args.bench_steps))
-            times[name]["sample"].append(timed(sample))
-            if cuda:
-                peak = torch.cuda.max_memory_allocated(device) / 2**30
-                times[name]["peak"] = max(times[name]["peak"], peak)
-
-    hw = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(
-        f"\n{SCRIPT} --bench on {hw}, torch {torch.__version__}, "
-        f"{sum(p.numel() for p in build_model(args).parameters()) / 1e6:.2f}M parameters, "
-        f"train batch {B}, CFG sampling of {n_samples} images x {args.sample_steps} "
-        f"{args.solver} steps"
-    )
-    print(f"fast = {fast[0]}, compile={fast[1]}; plain = fp32 eager")
-    header = (
-        "variant  train ms/step  train img/s  train TFLOP/s  sample s  sample img/s"
-        "  sample TFLOP/s  peak GiB  warm-up s"
-    )
-    print(header + "\n" + "-" * len(header))
-    throughput = {}
-    for name, t in times.items():
-        step_s, sample_s = statistics.median(t["train"]), statistics.median(t["sample"])
-        throughput[name] = (B / step_s, n_samples / sample_s)
-        peak = f"{t['peak']:.2f}" if cuda else "-"
-        print(
-            f"{name:8} {1e3 * step_s:13.1f} {B / step_s:12.1f} "
-            f"{train_flops / step_s / 1e12:14.3g} {sample_s:9.3g} {n_samples / sample_s:13.1f} "
-            f"{sample_flops / sample_s / 1e12:15.3g} {peak:>9} {t['warmup']:10.1f}"
-        )
-    train_x, sample_x = (throughput["fast"][i] / throughput["plain"][i] for i in (0, 1))
-    print(f"speed-up fast / plain: training {train_x:.2f}x, sampling {sample_x:.2f}x")
-    gaps = [abs(f - p) / p for f, p in zip(losses["fast"], losses["plain"])]
-    print(
-        f"loss, fast vs plain, over the first {len(gaps)} steps (same weights, batch and random "
-        f"draws): mean relative difference {statistics.mean(gaps):.2e}, max {max(gaps):.2e}"
-    )
-    return times, losses
-
-
-# -----------------------------------------------------------------------------
-# Main
-
-
-def build_model(args):
-    return DiT(
-        patch_size=args.patch_size,
-        width=args.width,
-        depth=args.depth,
-        heads=args.heads,
-        mlp_ratio=args.mlp_ratio,
-        cond_dim=args.cond_dim,
-        conv_channels=args.conv_channels,
-        label_init_std=args.label_init_std,
-    )
+    sample = partial(generate, steps=args.sample_steps, solver=args.solver,
+                     interval=args.guidance_interval)  # fmt: skip
+    sampler = torch.compile(ema) if args.compile else ema  # the EMA, compiled separately
+    return SimpleNamespace(model=model, ema=ema, optimizer=optimizer, scheduler=scheduler,
+                           scaler=scaler, step=step, sampler=sampler, sample=sample, ctx=ctx,
+                           dtype=dtype)  # fmt: skip
 
 
 def main(argv=None):
     args = get_args(argv)
     rank, world_size, device = setup_distributed(args.device)
     master = rank == 0  # only rank 0 prints, shows progress bars and writes files
-    dtype = resolve_dtype(args.dtype, device)
-    set_matmul_precision(dtype)
     if args.bench:
         return benchmark(args, device)
-    ctx = autocast_context(device, dtype)
+    from_ckpt = args.resume or args.sample_only or args.eval
     ckpt_path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
     check_output_paths(args.out_dir, ckpt_path, writes_ckpt=not (args.sample_only or args.eval))
-    sample = partial(generate, steps=args.sample_steps, solver=args.solver, ctx=ctx,
-                     interval=args.guidance_interval)  # fmt: skip
-
-    torch.manual_seed(args.seed)  # the same initial weights, and so the same EMA, on every rank
-    model = build_model(args).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()  # the weights we sample with
-    # --compile: one compiled copy for training, one of the EMA for all sampling (same weights)
-    sampler = torch.compile(ema) if args.compile else ema
-    if master:
-        print(f"DiT with {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-              f"{device}, {dtype}, {world_size} process(es)")  # fmt: skip
+    ckpt = load_checkpoint(ckpt_path, args) if from_ckpt else None  # also sets MODEL_ARGS
     if args.sample_only or args.eval:
-        ckpt = load_checkpoint(ckpt_path, args)
-        ema.load_state_dict(ckpt["ema"])
-        if master:
-            print(f"loaded {ckpt_path}: step {ckpt['step']}")
+        run = setup(args, device, total_steps=1)
+        run.model.load_state_dict(ckpt["model"])
+        run.ema.load_state_dict(ckpt["ema"])
         if master and args.sample_only:
-            run_experiments(sampler, sample, ckpt["losses"], args.out_dir, args.guidance_scale,
-                            args.digit, args.grid_rows, args.seed)  # fmt: skip
-            print(f"figures written to {args.out_dir}")
+            with run.ctx:
+                run_experiments(run.sampler, run.sample, ckpt["losses"], args)
         if master and args.eval:
-            data = [load_dataset(args.dataset, args.data_dir, args.synthetic_size, args.seed, train)
-                    for train in (True, False)]  # fmt: skip
-            trained_from = {
-                key: getattr(args, key)
-                for key in ("dataset", "data_dir", "synthetic_size", "seed", "classifier_epochs")
-            }
-            path = os.path.join(args.out_dir, "classifier.pt")
-            classifier = get_classifier(path, trained_from, *data[0], args.classifier_epochs,
-                                        args.seed, device)  # fmt: skip
-            t0 = time.time()
-            rows = evaluate(sampler, sample, classifier, data[1], args.eval_scales,
-                            args.eval_interval, args.eval_per_class, args.seed)  # fmt: skip
-            print(f"class fidelity: {args.eval_per_class} samples per class and row, "
-                  f"{args.solver} {args.sample_steps} steps, {time.time() - t0:.0f} s")  # fmt: skip
-            report_eval(rows, list("0123456789"), args.out_dir)
-        return ema
+            evaluate_checkpoint(run, args, device)
+        return run.model
 
-    if world_size > 1 and rank > 0:
+    if rank > 0:
         dist.barrier()  # rank 0 downloads the dataset first, the others then read it
     images, labels = load_dataset(args.dataset, args.data_dir, args.synthetic_size, args.seed)
     if world_size > 1 and rank == 0:
@@ -1308,112 +791,463 @@ def main(argv=None):
     steps_per_epoch = math.ceil(len(images) // world_size / rank_batch)
     total_steps = args.epochs * steps_per_epoch
     max_steps = min(total_steps, args.max_steps or total_steps)
-
-    optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
-    lr_lambda = partial(warmup_cosine, warmup_steps=args.warmup_steps, total_steps=total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only
-    step, losses, saved_step = 0, [], None
-    if args.resume:
-        ckpt = load_checkpoint(ckpt_path, args)
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt["scaler"]:  # empty unless the run used --dtype fp16
-            scaler.load_state_dict(ckpt["scaler"])
+    run, step, losses, saved_step = setup(args, device, total_steps), 0, [], None
+    if ckpt:
+        for part in CHECKPOINT_PARTS:  # the scaler's state is empty unless --dtype fp16
+            getattr(run, part).load_state_dict(ckpt[part])
         step, losses, saved_step = ckpt["step"], ckpt["losses"], ckpt["step"]
-        if master:
-            print(f"resumed from {ckpt_path} at step {step}")
-    train_model = torch.compile(model) if args.compile else model
-    if world_size > 1:
-        train_model = DistributedDataParallel(train_model)
-    loss_fn = partial(flow_loss, p_uncond=args.p_uncond, t_sampling=args.t_sampling)
-    step_fn = partial(train_step, train_model, ema, optimizer, scheduler, scaler, ctx)
+    if master:
+        resumed = f", resumed at step {step}" if ckpt else ""
+        print(f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters, {device}, "
+              f"{run.dtype}, {world_size} process(es){resumed}")  # fmt: skip
 
     def save():
         if master:
-            save_checkpoint({
-                "script": SCRIPT, "args": vars(args), "step": step, "epoch": epoch,
-                "model": model.state_dict(), "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "losses": losses,
-            }, ckpt_path)  # fmt: skip
+            parts = {k: getattr(run, k).state_dict() for k in CHECKPOINT_PARTS}
+            model_args = {key: getattr(args, key) for key in MODEL_ARGS}
+            save_checkpoint({"script": SCRIPT, "args": vars(args), "model_args": model_args,
+                             "step": step, "losses": losses, **parts}, ckpt_path)  # fmt: skip
 
-    stop_signal, stopped = StopSignal(), False
+    batches, window, stop, stop_signal = None, [], False, StopSignal()
+    bar = tqdm(total=max_steps, initial=step, disable=not master, leave=False, dynamic_ncols=True)
+    t_log = time.perf_counter()
     try:
-        for epoch in range(step // steps_per_epoch, args.epochs):
-            if step >= max_steps or stopped:
-                break
-            batches = epoch_batches(len(images), rank_batch, epoch, args.seed, rank, world_size,
-                                    device)[step - epoch * steps_per_epoch :]  # fmt: skip
-            bar = tqdm(batches, f"epoch {epoch + 1}/{args.epochs}", disable=not master, leave=False)
-            window, epoch_losses, t0 = [], [], time.perf_counter()
-            for i, idx in enumerate(bar):
-                seed_step(args.seed, rank, step)
-                x0, y = to_model_range(images[idx]), labels[idx]
-                ema_decay = ema_decay_at(step, args.ema_decay)
-                window.append(step_fn(x0, y, ema_decay, args.grad_clip, loss_fn))
-                step += 1
-                last = i == len(batches) - 1 or step >= max_steps
-                # Check the losses every --log-every steps (one GPU sync). A single process also
-                # reacts to Ctrl-C at once; DDP ranks agree on stopping at these checks only.
-                if (
-                    step % args.log_every
-                    and not last
-                    and (world_size > 1 or not stop_signal.requested)
-                ):
-                    continue
-                window_losses = torch.stack(window).float()
-                stop_flag = torch.tensor(stop_signal.requested, device=device)
-                flags = torch.stack([~window_losses.isfinite().all(), stop_flag]).float()
-                if world_size > 1:
-                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # so that all ranks stop together
-                nonfinite, stopped = flags.tolist()
-                if nonfinite:
-                    bad = (~window_losses.isfinite()).nonzero()  # empty if another rank had it
-                    bad_step = step - len(window) + 1 + (bad[0].item() if len(bad) else 0)
-                    kept = (
-                        f"{ckpt_path} still holds step {saved_step}"
-                        if saved_step
-                        else "no checkpoint written"
-                    )
-                    fail(f"loss became non-finite at step {bad_step}; stopped without saving "
-                         f"({kept}). Try a lower --lr, or --dtype fp32", code=1)  # fmt: skip
-                losses += window_losses.tolist()
-                epoch_losses += window_losses.tolist()
-                window = []
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                if stopped or step >= max_steps:
-                    break
-            bar.close()
+        while step < max_steps and not stop:
+            epoch, i = divmod(step, steps_per_epoch)
+            if i == 0 or batches is None:  # a fresh order each epoch, a function of seed and epoch
+                batches = epoch_batches(len(images), rank_batch, epoch, args.seed, rank,
+                                        world_size, device)  # fmt: skip
+            seed_step(args.seed, rank, step)
+            x0, y = to_model_range(images[batches[i]]), labels[batches[i]]
+            window.append(run.step(x0, y, ema_decay_at(step, args.ema_decay)))
+            step, epoch_end = step + 1, (step + 1) % steps_per_epoch == 0 or step + 1 == max_steps
+            bar.update()
+            if step % args.log_every and not epoch_end:
+                continue
+            # every --log-every steps one check: non-finite loss, Ctrl-C, all DDP ranks agreeing
+            window_losses, nonfinite, stop = check_window(window, stop_signal.requested, world_size)
+            if nonfinite:
+                bad = (~window_losses.isfinite()).nonzero()  # empty if another rank had it
+                bad_step = step - len(window) + 1 + (int(bad[0]) if len(bad) else 0)
+                kept = f"{ckpt_path} still holds step {saved_step}" if saved_step else "nothing"
+                fail(f"loss became non-finite at step {bad_step}; stopped without saving ({kept}"
+                     " kept). Try a lower --lr, or --dtype fp32", code=1)  # fmt: skip
+            losses += window_losses.tolist()
+            dt, window = (time.perf_counter() - t_log) / len(window), []
             if master:
-                dt, n = time.perf_counter() - t0, len(epoch_losses)
-                loss, lr = sum(epoch_losses) / n, scheduler.get_last_lr()[0]
-                ms, img_s = 1e3 * dt / n, n * args.batch_size / dt
-                tqdm.write(f"epoch {epoch + 1:3d} | step {step:7d} | loss {loss:.4f} | lr {lr:.2e} "
-                           f"| {ms:6.1f} ms/step | {img_s:7.0f} img/s")  # fmt: skip
-            epoch_done = step == (epoch + 1) * steps_per_epoch
-            if stopped or step >= max_steps or (epoch_done and (epoch + 1) % args.save_every == 0):
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                tqdm.write(f"epoch {epoch + 1:3d} | step {step:7d} | loss {losses[-1]:.4f} | lr "
+                           f"{run.scheduler.get_last_lr()[0]:.2e} | {1e3 * dt:6.1f} ms/step | "
+                           f"{args.batch_size / dt:6.0f} img/s")  # fmt: skip
+            if stop or step == max_steps or (epoch_end and (epoch + 1) % args.save_every == 0):
                 save()
                 saved_step = step
-            if master and epoch_done and (epoch + 1) % args.sample_every == 0:
-                path = os.path.join(args.out_dir, f"samples_epoch{epoch + 1:03d}.png")
-                plot_class_grid(sampler, sample, path, args.guidance_scale, args.seed, per_class=4)
+            if master and epoch_end and (epoch + 1) % args.sample_every == 0:
+                path = f"{args.out_dir}/samples_epoch{epoch + 1:03d}.png"
+                with run.ctx:
+                    plot_class_grid(run.sampler, run.sample, path, args.guidance_scale, args.seed,
+                                    per_class=4)  # fmt: skip
+            t_log = time.perf_counter()
     finally:
         stop_signal.restore()
+        bar.close()
 
     if master:
-        if stopped:
-            save_loss_curve(losses, os.path.join(args.out_dir, "loss.png"), "Flow matching loss")
+        if stop:
+            save_loss_curve(losses, f"{args.out_dir}/loss.png", "Flow matching loss (MSE)")
             print(f"interrupted at step {step}: saved {ckpt_path}; continue with --resume")
         else:
             print(f"done: {step} steps, checkpoint {ckpt_path}")
-            run_experiments(sampler, sample, losses, args.out_dir, args.guidance_scale, args.digit,
-                            args.grid_rows, args.seed)  # fmt: skip
+            with run.ctx:
+                run_experiments(run.sampler, run.sample, losses, args)
     if world_size > 1:
         dist.destroy_process_group()
-    return model
+    return run.model
+
+
+def evaluate_checkpoint(run, args, device):
+    """--eval: the classifier (trained once, cached in --out-dir), then the fidelity table."""
+    train_set, test_set = (load_dataset(args.dataset, args.data_dir, args.synthetic_size,
+                                        args.seed, train) for train in (True, False))  # fmt: skip
+    keys = "dataset data_dir synthetic_size seed classifier_epochs".split()
+    trained_from = {k: getattr(args, k) for k in keys}  # the cache is valid for these only
+    classifier = get_classifier(f"{args.out_dir}/classifier.pt", trained_from, *train_set,
+                                args.classifier_epochs, args.seed, device)  # fmt: skip
+    t0 = time.time()
+    with run.ctx:
+        rows = evaluate(run.sampler, run.sample, classifier, test_set, args.eval_scales,
+                        args.eval_interval, args.eval_per_class, args.seed)  # fmt: skip
+    print(f"class fidelity: {args.eval_per_class} samples per class and row, "
+          f"{args.solver} {args.sample_steps} steps, {time.time() - t0:.0f} s")  # fmt: skip
+    report_eval(rows, list("0123456789"), args.out_dir)
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of the whole usage block, exit code 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def checked(convert, is_valid, expected):
+    """An argparse `type`: convert the text, then validate it, so that a bad value gets a one-line
+    error naming the flag, before any data or model is touched."""
+
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not is_valid(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+def split(convert):
+    return lambda text: [convert(v) for v in text.split(",")]
+
+
+positive_int = checked(int, lambda v: v > 0, "a positive integer")
+nonnegative_int = checked(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = checked(float, lambda v: 0 < v < math.inf, "a positive number")
+nonnegative_float = checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+probability = checked(float, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
+float_list = checked(split(float), lambda v: 0 <= min(v) <= max(v) < math.inf,
+                     "numbers >= 0 like 0,1,4")  # fmt: skip
+interval_pair = checked(lambda text: tuple(split(float)(text)),  # "0.2,0.8" -> (0.2, 0.8)
+                        lambda v: len(v) == 2 and 0 <= v[0] < v[1] <= 1,
+                        "two numbers LO,HI with 0 <= LO < HI <= 1, like 0.2,0.8")  # fmt: skip
+
+
+def get_args(argv=None):
+    p = ArgumentParser(
+        prog=f"{SCRIPT}.py",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Class-conditional flow matching with a DiT on MNIST, with CFG.",
+    )
+    # fmt: off
+    add = p.add_argument_group("data").add_argument
+    add("--dataset", choices=("mnist", "synthetic"), default="mnist",
+        help="torchvision MNIST, or procedural seven-segment digits built in memory")
+    add("--data-dir", default="data", help="where torchvision finds or downloads MNIST")
+    add("--synthetic-size", type=positive_int, default=10000, help="images in --dataset synthetic")
+    add = p.add_argument_group("model").add_argument
+    add("--width", type=positive_int, default=256, help="transformer width (channels)")
+    add("--depth", type=positive_int, default=6, help="number of DiT blocks")
+    add("--heads", type=positive_int, default=8, help="attention heads per block")
+    add("--patch-size", type=positive_int, default=4,
+        help="patch side in pixels; must divide 28 (4 gives 7x7 = 49 tokens)")
+    add("--mlp-ratio", type=positive_float, default=4.0, help="MLP width as a multiple of --width")
+    add("--cond-dim", type=positive_int, default=1024,
+        help="width of the conditioning vector c = embed(t) + embed(y)")
+    add("--conv-channels", type=nonnegative_int, default=0,
+        help="if > 0: a 3x3 conv stem before patchify and a 3x3 conv after unpatchify with this "
+             "many channels (hides the patch grid); 0 = plain DiT")
+    add("--label-init-std", type=positive_float, default=0.02,
+        help="std of the initial class embeddings (DiT: 0.02; 1 lets the condition act sooner)")
+    add = p.add_argument_group("flow matching").add_argument
+    add("--t-sampling", choices=("uniform", "logit-normal"), default="uniform",
+        help="training distribution of t: U(0, 1) or sigmoid(N(0, 1)) (Esser et al.)")
+    add = p.add_argument_group("training").add_argument
+    add("--epochs", type=positive_int, default=30, help="passes over the training set")
+    add("--max-steps", type=positive_int, default=None,
+        help="stop after this many optimizer steps in all; the lr schedule still spans --epochs")
+    add("--batch-size", type=positive_int, default=128, help="global batch, split over ranks")
+    add("--lr", type=positive_float, default=1e-4, help="peak AdamW learning rate")
+    add("--weight-decay", type=nonnegative_float, default=0.01, help="AdamW decay")
+    add("--warmup-steps", type=nonnegative_int, default=500,
+        help="steps of linear lr warm-up before the cosine decay")
+    add("--grad-clip", type=positive_float, default=1.0, help="max gradient norm")
+    add("--p-uncond", type=probability, default=0.1,
+        help="probability of replacing the label by the null class (CFG training)")
+    add("--ema-decay", type=probability, default=0.9999,
+        help="EMA decay of the weights used for sampling (with warm-up)")
+    add("--log-every", type=positive_int, default=50,
+        help="steps between log lines and loss checks (Ctrl-C is honoured at these)")
+    add("--save-every", type=positive_int, default=1, help="epochs between checkpoints")
+    add("--sample-every", type=positive_int, default=5, help="epochs between preview grids")
+    add("--resume", action="store_true", help="continue from --ckpt (default --out-dir/ckpt.pt)")
+    add = p.add_argument_group("sampling").add_argument
+    add("--guidance-scale", type=nonnegative_float, default=4.0,
+        help="CFG scale w: 0 unconditional, 1 conditional, > 1 guided")
+    add("--sample-steps", type=positive_int, default=50, help="ODE steps from t=1 to t=0")
+    add("--guidance-interval", type=interval_pair, default=(0.0, 1.0), metavar="LO,HI",
+        help="guide only while t is in [LO, HI] (t = 1 is noise), conditional elsewhere")
+    add("--solver", choices=("euler", "heun"), default="euler",
+        help="ODE solver; Heun is 2nd order and costs two model calls per step")
+    add("--digit", type=int, choices=range(NUM_CLASSES), default=7, metavar="0..9",
+        help="digit shown in the CFG-scale comparison")
+    add("--grid-rows", type=positive_int, default=8,
+        help="samples per digit in class_grid.png and per w in cfg_scales.png")
+    add("--sample-only", action="store_true", help="no training: the figures from --ckpt")
+    add("--ckpt", default=None, help="checkpoint to read and write (default --out-dir/ckpt.pt)")
+    add = p.add_argument_group("evaluation").add_argument
+    add("--eval", action="store_true", help="no training: score --ckpt's samples with a classifier")
+    add("--eval-per-class", type=positive_int, default=100,
+        help="generated samples per class and table row (at least 2)")
+    add("--eval-scales", type=float_list, default=[0, 1, 2, 3, 4, 6], help="w scored by --eval")
+    add("--eval-interval", type=interval_pair, default=(0.0, 0.7), metavar="LO,HI",
+        help="guidance interval of the table's extra rows (one per w > 1)")
+    add("--classifier-epochs", type=positive_int, default=10,
+        help="epochs of the eval classifier (cached in --out-dir/classifier.pt)")
+    add = p.add_argument_group("system").add_argument
+    add("--out-dir", default="out/flow_dit_mnist", help="checkpoint, figures and eval table")
+    add("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"), help="cuda > mps > cpu")
+    add("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+        help="autocast dtype; auto = bf16 on CUDA if supported, else fp32")
+    add("--compile", action="store_true", help="torch.compile the model and the sampling EMA")
+    add("--seed", type=nonnegative_int, default=0, help="random seed")
+    add("--bench", action="store_true", help="time fast vs plain training and sampling, then exit")
+    add("--bench-steps", type=positive_int, default=20, help="timed training steps per variant")
+    add("--bench-samples", type=positive_int, default=256, help="images per timed sampling run")
+    # fmt: on
+    args = p.parse_args(argv)
+    p.set_defaults(**dict.fromkeys(vars(args)))  # parse again without defaults: what was given?
+    args.given = tuple(k for k, v in vars(p.parse_args(argv)).items() if v is not None)
+
+    # checks that involve several flags, still before any data or model is touched
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world_size:
+        p.error(f"--batch-size {args.batch_size} is not divisible by the {world_size} ranks")
+    if IMAGE_SIZE % args.patch_size:
+        p.error(f"--patch-size {args.patch_size} must divide the image size {IMAGE_SIZE}")
+    if args.width % args.heads:
+        p.error(f"--width {args.width} must be divisible by --heads {args.heads}")
+    if args.width % 4:
+        p.error(f"--width {args.width} must be divisible by 4 (2-D sin-cos embedding)")
+    if args.eval_per_class < 2:
+        p.error("--eval-per-class must be at least 2 (diversity is a pairwise distance)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda, but no CUDA device is visible (try --device cpu)")
+    if args.device == "mps" and not torch.backends.mps.is_available():
+        p.error("--device mps, but MPS is not available (try --device cpu)")
+    if args.resume + args.bench + (args.sample_only or args.eval) > 1:
+        p.error("choose one of --resume, --bench and --sample-only/--eval")
+    if args.bench and world_size > 1:
+        p.error("--bench runs in one process: start it with python, not torchrun")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Utilities: device and precision, DDP, output paths, checkpoints, figures, --bench
+
+
+def fail(message, code=2):
+    """Exit with one clear line instead of a traceback (bad checkpoint, missing data)."""
+    print(f"{SCRIPT}.py: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def precision(name, device):
+    """(dtype, autocast context). bf16/fp16 autocast runs convs and matmuls in half precision,
+    norms, softmax and the loss in fp32; with fp32 the context is a no-op, so one `with ctx:`
+    serves every precision. TF32 tensor cores only with mixed precision: fp32 stays true fp32."""
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    torch.set_float32_matmul_precision("highest" if dtype == torch.float32 else "high")
+    fp32 = dtype == torch.float32
+    return dtype, contextlib.nullcontext() if fp32 else torch.autocast(device.type, dtype=dtype)
+
+
+def setup_distributed(device_name):
+    """DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python` is one process.
+    Returns (rank, world_size, device); device "auto" picks cuda > mps > cpu."""
+    if device_name == "auto":
+        mps = torch.backends.mps.is_available()
+        device_name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    device = torch.device(device_name)
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def seed_step(seed, rank, step):
+    """Seed the draws of one training step (t, noise, label dropout) from (seed, rank, step)
+    alone: a resumed run continues exactly, with no random state to save."""
+    torch.manual_seed(hash((seed, rank, step)))
+
+
+def check_window(window, stop_requested, world_size):
+    """The last losses on the CPU (one device sync), and the flags (non-finite loss, stop
+    requested) as all ranks agree on them, so that they stop together."""
+    losses = torch.stack(window).float()
+    flags = torch.tensor([not losses.isfinite().all(), stop_requested], device=losses.device)
+    if world_size > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    nonfinite, stop = flags.tolist()
+    return losses.cpu(), nonfinite, stop
+
+
+class StopSignal:
+    """Ctrl-C (SIGINT) or SIGTERM (torchrun, schedulers) sets a flag, so the training loop can save
+    a checkpoint and exit cleanly at its next check. A second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def check_output_paths(out_dir, ckpt_path, writes_ckpt):
+    """Fail now, with one line, if the figures or the checkpoint could not be written later: an
+    --out-dir that is a file or read-only, or a --ckpt in a folder that does not exist."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        fail(f"--out-dir {out_dir} is a file, not a folder")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create --out-dir {out_dir} ({e.strerror})")
+    ckpt_dir = os.path.dirname(ckpt_path) or "."
+    if writes_ckpt and not os.path.isdir(ckpt_dir):
+        fail(f"--ckpt {ckpt_path}: the folder {ckpt_dir} does not exist")
+    for folder in (out_dir, ckpt_dir) if writes_ckpt else (out_dir,):
+        try:
+            with tempfile.TemporaryFile(dir=folder):  # a probe: can we create files there?
+                pass
+        except OSError as e:
+            fail(f"cannot write to {folder} ({e.strerror})")
+
+
+def save_checkpoint(state, path):
+    """Atomic save: write a temporary file in the same folder, then rename it over the old one.
+    A crash or kill during torch.save leaves the previous checkpoint untouched."""
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path, args):
+    """Load a checkpoint of this script and take the MODEL_ARGS flags from it (into args); a flag
+    given on the command line that contradicts it gets one line and exit code 2."""
+    if not os.path.isfile(path):
+        fail(f"no checkpoint at {path}; train first, or point --ckpt at one")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, wrong format, pickled code: all mean "not loadable"
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT or "model_args" not in ckpt:
+        fail(f"{path} was not written by {SCRIPT}.py")
+    for key, saved in ckpt["model_args"].items():
+        if key in args.given and getattr(args, key) != saved:
+            flag = "--" + key.replace("_", "-")
+            value = ",".join(map(str, saved)) if isinstance(saved, list) else saved
+            fail(f"{path} was trained with {flag} {value}; leave {flag} out or pass {flag} {value}")
+        setattr(args, key, saved)
+    return ckpt
+
+
+def pyplot():
+    """matplotlib is imported only when a figure is drawn, so importing the script stays fast."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_image_grid(images, path, nrow, title, col_labels=None, row_labels=None):
+    """Save (nrow * ncol, C, H, W) images in [-1, 1], laid out row by row, as a labelled PNG."""
+    plt = pyplot()
+    n, c, h, w = images.shape
+    ncol = n // nrow
+    x = F.pad((images.float().cpu().clamp(-1, 1) + 1) / 2, (1, 1, 1, 1), value=1.0)
+    h, w = h + 2, w + 2  # with a one-pixel white frame
+    x = x.view(nrow, ncol, c, h, w).permute(0, 3, 1, 4, 2).reshape(nrow * h, ncol * w, c)
+    fig, ax = plt.subplots(figsize=(1 + 0.8 * ncol, 0.8 + 0.8 * nrow))
+    ax.imshow(x.squeeze(-1).numpy(), cmap="gray" if c == 1 else None, vmin=0, vmax=1)
+    ax.set_xticks([w * (i + 0.5) for i in range(ncol)] if col_labels else [])
+    ax.set_xticklabels(col_labels or [], fontsize=8)
+    ax.set_yticks([h * (i + 0.5) for i in range(nrow)] if row_labels else [])
+    ax.set_yticklabels(row_labels or [], fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+def save_loss_curve(losses, path, title):
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(losses, lw=0.5, alpha=0.4, label="per step")
+    window = max(1, len(losses) // 50)
+    smooth = torch.tensor(losses).unfold(0, window, 1).mean(1)
+    ax.plot(range(window - 1, len(losses)), smooth, label=f"mean of {window} steps")
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title=title)
+    ax.legend()
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+def benchmark(args, device):
+    """--bench: the training step and CFG sampling of the configuration the flags select ("fast")
+    against the plain one (fp32, eager), both built by setup() as a real run builds them,
+    on random data of the training shape; medians of three alternating rounds. The first
+    --bench-steps steps (the warm-up) also compare the losses, same weights and random draws."""
+    plain = argparse.Namespace(**{**vars(args), "dtype": "fp32", "compile": False})
+    B, n, shape = args.batch_size, args.bench_samples, (IN_CHANNELS, IMAGE_SIZE, IMAGE_SIZE)
+    x0, y = torch.randn(B, *shape, device=device).clamp(-1, 1), torch.arange(B) % NUM_CLASSES
+    noise, labels = torch.randn(n, *shape, device=device), torch.arange(n) % NUM_CLASSES
+    runs, losses, times = {}, {}, {"fast": ([], []), "plain": ([], [])}
+    for name, variant in (("fast", args), ("plain", plain)):
+        run = runs[name] = setup(variant, device, total_steps=10**6)
+        run.flags, losses[name] = variant, []
+        run.train = partial(run.step, x0, y.to(device))
+        run.sample_all = partial(run.sample, run.sampler, labels.to(device), args.guidance_scale,
+                                 noise)  # fmt: skip
+        for i in range(args.bench_steps):  # warm-up (compilation), the same draws in both
+            torch.manual_seed(i)
+            losses[name].append(run.train(0.999).item())
+        with run.ctx:
+            run.sample_all()
+    for _ in range(3):  # alternate, so that clock or thermal drift hits both variants alike
+        for name, run in runs.items():
+            precision(run.flags.dtype, device)  # TF32 on or off, as in that variant
+            times[name][0].append(timed(partial(run.train, 0.999), device, args.bench_steps))
+            with run.ctx:
+                times[name][1].append(timed(run.sample_all, device))
+    cuda = device.type == "cuda"
+    hw = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n{SCRIPT} --bench on {hw}, torch {torch.__version__}: train batch {B}, CFG sampling "
+          f"of {n} images x {args.sample_steps} {args.solver} steps\n"
+          "variant  train ms/step  train img/s  sample s  sample img/s")  # fmt: skip
+    (tf, sf), (tp, sp) = ([statistics.median(t) for t in times[k]] for k in ("fast", "plain"))
+    for name, step_s, sample_s in (("fast", tf, sf), ("plain", tp, sp)):
+        print(
+            f"{name:8} {1e3 * step_s:13.1f} {B / step_s:12.1f} {sample_s:9.3g} {n / sample_s:13.1f}"
+        )
+    gaps = [abs(f - p) / p for f, p in zip(losses["fast"], losses["plain"])]
+    print(f"speed-up fast / plain: training {tp / tf:.2f}x, sampling {sp / sf:.2f}x\nloss, fast vs "
+          f"plain, first {len(gaps)} steps: mean relative difference {statistics.mean(gaps):.2e}, "
+          f"max {max(gaps):.2e}")  # fmt: skip
+    return times, losses
+
+
+def timed(fn, device, repeat=1):
+    """Seconds per call of fn, over `repeat` back-to-back calls, the device synchronised."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / repeat
 
 
 if __name__ == "__main__":

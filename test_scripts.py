@@ -83,10 +83,13 @@ def run_main(module, argv, capsys):
 def train_on_fixed_batch(module, model, x0, cond, loss_fn, steps, lr):
     """`steps` calls of the script's own train_step on one batch, at a constant lr, on the CPU."""
     ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = module.make_optimizer(model, lr, 0.0, torch.device("cpu"))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr, weight_decay=0.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for _ in range(steps):
+        if not hasattr(module, "make_optimizer"):  # TRANSITION
+            module.train_step(model, ema, optimizer, scaler, loss_fn(model, x0, cond), 0.99, 1.0)
+            continue
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         module.train_step(model, ema, optimizer, scheduler, scaler, contextlib.nullcontext(), x0,
                           cond, 0.99, 1.0, loss_fn)  # fmt: skip
 
@@ -184,9 +187,12 @@ def test_ddpm_end_to_end_then_sample_only(tmp_path, capsys):
     header = next(i for i, line in enumerate(table) if line.split()[:2] == ["w", "accuracy"])
     labels = [line.split()[0] for line in table[header + 1 : header + 5]]
     assert labels == ["real", "0", "4", "4"] and "in [0, 0.7]" in table[header + 4]
-    assert "accuracy per class:" in stdout and "blue cross" not in stdout  # names cut to 7 chars
-    for name in ["eval.csv", "eval_per_class.csv", "eval.png", "eval_per_class.png"]:
-        assert (out / name).stat().st_size > 0, name
+    with open(out / "eval.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0][:4] == ["w", "accuracy", "confidence", "diversity"]
+    assert rows[0][4:] == ddpm.CLASS_NAMES["synthetic"], "one accuracy column per class"
+    assert [r[0] for r in rows[1:]] == ["real", "0", "4", "4 in [0, 0.7]"]
+    assert (out / "eval.png").stat().st_size > 0
 
 
 def test_ddpm_bad_flag_subprocess():
@@ -224,8 +230,7 @@ def test_ddpm_fast_path_fp32_loss_matches_plain_path():
         model = model.to(memory_format=fmt)  # identical weights, different layout
         x0, y = ddpm.get_batch(images, labels, torch.arange(8), False, fmt)
         torch.manual_seed(1)
-        with ddpm.autocast_context(torch.device("cpu"), torch.float32):
-            losses.append(ddpm.diffusion_loss(model, x0, y, ac, 0.15).item())
+        losses.append(ddpm.diffusion_loss(model, x0, y, ac, 0.15).item())
     assert losses[0] > 0
     assert abs(losses[0] - losses[1]) <= 1e-5 * losses[0], losses
 
@@ -248,9 +253,10 @@ def test_bench_prints_table(name, capsys):
     assert code == 0, err
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("variant"))
-    fast, plain = lines[header + 2].split(), lines[header + 3].split()
-    assert fast[0] == "fast" and plain[0] == "plain"
-    assert all(float(v) > 0 for v in fast[1:7] + plain[1:7]), out
+    fast, plain = (
+        next(ln.split() for ln in lines[header:] if ln.startswith(n)) for n in ("fast ", "plain ")
+    )
+    assert all(float(v) > 0 for v in fast[1:5] + plain[1:5]), out
     assert "speed-up fast / plain: training" in out
     # on the CPU both variants compute in fp32 (the U-Net's only in another memory layout):
     # the same loss up to float rounding
@@ -363,8 +369,7 @@ def test_ddpm_ddim_on_a_point_mass_keeps_the_forward_marginals_and_lands_on_the_
     a = ddpm.make_alphas_cumprod("cosine", 1000)
     points, noise, labels = point_mass_setup()
     model = PointMassEps(a, points)
-    x = ddpm.ddim_sample(model, model.class_emb(labels), noise, 1.0, a, 10, eta,
-                         contextlib.nullcontext(), seed=0)  # fmt: skip
+    x = ddpm.ddim_sample(model, model.class_emb(labels), noise, 1.0, a, 10, eta, seed=0)
     torch.testing.assert_close(x, points[labels], rtol=0, atol=1e-5)
     visited = [t[0].item() for _, t in model.seen]
     assert visited == torch.linspace(999, 0, 10).round().long().tolist(), "from T-1 down to 0"
@@ -394,8 +399,7 @@ def test_ddpm_ddim_guided_lands_on_the_guided_point(w):
     points, noise, labels = point_mass_setup()
     points = 0.3 * points  # so that x_u + 3 (x_c - x_u) stays inside the clipping range [-1, 1]
     model = PointMassEps(a, points)
-    x = ddpm.ddim_sample(model, model.class_emb(labels), noise, w, a, 8, 0.0,
-                         contextlib.nullcontext())  # fmt: skip
+    x = ddpm.ddim_sample(model, model.class_emb(labels), noise, w, a, 8)
     x_u, x_c = points[ddpm.NULL_CLASS], points[labels]
     torch.testing.assert_close(x, x_u + w * (x_c - x_u), rtol=0, atol=1e-4)
 
@@ -406,8 +410,7 @@ def test_ddpm_interpolation_walks_from_one_class_to_the_other():
     a = ddpm.make_alphas_cumprod("cosine", 1000)
     points, _, _ = point_mass_setup()
     model = PointMassEps(a, 0.5 * points)
-    sample = partial(ddpm.ddim_sample, alphas_cumprod=a, steps=4, eta=0.0,
-                     ctx=contextlib.nullcontext())  # fmt: skip
+    sample = partial(ddpm.ddim_sample, alphas_cumprod=a, steps=4)
     row = ddpm.interpolate_classes(model, sample, 3, 5, 2.0, seed=7, num_mixes=5)
     mix = torch.linspace(0, 1, 5).view(-1, 1, 1, 1)
     x_mix, x_u = (1 - mix) * model.points[3] + mix * model.points[5], model.points[ddpm.NULL_CLASS]
@@ -623,7 +626,7 @@ def test_flow_end_to_end_then_eval(tmp_path, capsys):
     ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
     assert ckpt["script"] == "flow_dit_mnist_cfg" and ckpt["step"] == 6
     assert len(ckpt["losses"]) == 6
-    assert {"model", "ema", "optimizer", "args", "epoch"} <= set(ckpt)
+    assert {"model", "ema", "optimizer", "args", "model_args"} <= set(ckpt)
 
     flags = common + ["--synthetic-size", "96", "--eval", "--eval-per-class", "3",
                       "--eval-scales", "0,4", "--classifier-epochs", "1"]  # fmt: skip
@@ -634,15 +637,11 @@ def test_flow_end_to_end_then_eval(tmp_path, capsys):
     assert [line.split()[0] for line in table[header + 1 : header + 4]] == ["real", "0", "4"]
     with open(out / "eval.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["w"], r["interval"]) for r in rows] == [
-        ("real", ""),
-        ("0.0", ""),
-        ("4.0", ""),
-        ("4.0", "0-0.7"),
-    ]
+    assert [r["w"] for r in rows] == ["real", "0", "4", "4 in [0, 0.7]"]
     for r in rows:
         assert 0 <= float(r["accuracy"]) <= 1 and float(r["diversity"]) > 0
-    for name in ["eval.png", "eval_per_class.csv", "eval_per_class.png", "classifier.pt"]:
+        assert all(0 <= float(r[digit]) <= 1 for digit in "0123456789")
+    for name in ["eval.png", "classifier.pt"]:
         assert (out / name).stat().st_size > 0, name
     assert os.path.getsize(out / "ckpt.pt") > 0
 
@@ -1425,9 +1424,11 @@ def test_compile_also_compiles_the_sampling_model(name, tmp_path, monkeypatch, c
     code, out, err = run_main(module, flags + ["--sample-only", "--compile"], capsys)
     assert code == 0, err
     ema = torch.load(tmp_path / "ckpt.pt", weights_only=True)["ema"]
-    assert len(sampled) == 1, "the experiments get the compiled model"
-    for key, value in sampled[0].state_dict().items():
-        assert torch.equal(value, ema[key]), key
+
+    def is_ema(m):
+        return all(torch.equal(value, ema[key]) for key, value in m.state_dict().items())
+
+    assert any(is_ema(m) for m in sampled), "the experiments sample with the compiled EMA"
 
 
 TORCHRUN_WRAPPER = """
@@ -1511,8 +1512,7 @@ def test_guidance_interval_guides_only_inside_it(name):
                 ddpm.make_alphas_cumprod("cosine", 1000),
                 model.class_emb(torch.zeros(B).long()),
             )
-            ddpm.ddim_sample(model, emb, torch.randn(B, 1, 32, 32), 3.0, a, 4, 0.0, nullctx,
-                             interval=interval)  # fmt: skip
+            ddpm.ddim_sample(model, emb, torch.randn(B, 1, 32, 32), 3.0, a, 4, interval=interval)
 
     else:
 
@@ -1529,3 +1529,24 @@ def test_guidance_interval_guides_only_inside_it(name):
     model.batch_sizes.clear()
     run((0.0, 1.0))
     assert model.batch_sizes == [2 * B] * 4
+
+
+ARCH_FLAG_NAMES = {"ddpm_cifar_cfg": "--base-ch", "flow_dit_mnist_cfg": "--width",
+                   "cross_attention_toy": "--width"}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["ddpm_cifar_cfg", "flow_dit_mnist_cfg"])
+def test_checkpoint_knows_its_architecture(name, tmp_path, monkeypatch, capsys):
+    """--sample-only and --resume take the architecture flags from the checkpoint, as nanoGPT
+    does with model_args: after training with tiny widths, no flag needs repeating."""
+    module = MODULES[name]
+    skip_experiments(module, monkeypatch)
+    module.main(TINY[name] + ["--max-steps", "2", "--out-dir", str(tmp_path)])
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    system = ["--device", "cpu", "--out-dir", str(tmp_path)]
+    model = module.main(system + ["--sample-only"])  # no architecture flag given
+    for key, value in ckpt["model"].items():
+        assert torch.equal(model.state_dict()[key], value), key
+    flag = ARCH_FLAG_NAMES[name]
+    same = [flag, str(ckpt["model_args"][flag[2:].replace("-", "_")])]
+    assert run_main(module, system + same + ["--sample-only"], capsys)[0] == 0, "agreeing: fine"
