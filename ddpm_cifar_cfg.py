@@ -24,12 +24,25 @@ Commands:
   python ddpm_cifar_cfg.py --bench --compile                  # speed table: fast vs plain path
   python ddpm_cifar_cfg.py --dataset synthetic --base-ch 32 --batch-size 32 --max-steps 100 \\
       --sample-steps 20 --device cpu                         # offline CPU smoke run
+  python ddpm_cifar_cfg.py --dataset mnist --base-ch 16 --ch-mult 1,2,2 --num-res-blocks 1 \\
+      --cond-dim 128 --batch-size 64 --lr 5e-3 --warmup-steps 100 --epochs 40 --dropout 0 \\
+      --p-uncond 0.1 --ema-decay 0.999 --schedule linear --sample-every 1000 --sample-steps 25 \\
+      --data-dir ../shared/mnist5k --device cpu                # laptop CPU: real digits, minutes
 
 Outputs (in --out-dir): ckpt.pt, loss.png, samples_epochNNN.png previews, the experiments
 class_grid.png, guidance_sweep.png, interpolation.png, ema_vs_raw.png; --eval adds classifier.pt,
-eval.csv, eval_per_class.csv, eval.png.
+eval.csv (with per-class accuracy) and eval.png.
 
-Measured so far (README.md has the commands): see README.
+Measured (README.md has the tables): the laptop command above, on the 5k-digit MNIST subset and a
+2-core AMD EPYC CPU with torch 2.14.1, trains 2,520 steps in 517 s including the figures; `--eval`
+then reads 99.4% class accuracy at the default w = 4 with 0.87 of the real digits' within-class
+diversity (real test digits: 98.6%). GPU and CIFAR-10: not measured yet.
+
+Why the laptop recipe differs from the GPU defaults (meant for CIFAR-10 and ~20,000 steps): in
+2,500 steps a small U-Net (0.35M parameters, one ResBlock per level, no dropout) at a 25x higher
+peak lr with a 100-step warm-up and a short EMA (0.999) gets further than the 25.6M default with
+its slow, smooth settings; in development runs of this budget the linear schedule also beat the
+cosine one.
 
 Left out on purpose: FID evaluation, learned variances (Improved DDPM), v-prediction, EDM-style
 preconditioning, latent diffusion. Each would hide the lesson under machinery.

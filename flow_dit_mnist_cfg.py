@@ -28,13 +28,32 @@ Commands:
   python flow_dit_mnist_cfg.py --sample-only        # figures again from that checkpoint
   python flow_dit_mnist_cfg.py --eval               # class-fidelity table from that checkpoint
   python flow_dit_mnist_cfg.py --bench --compile    # speed table: fast vs plain path
-@@laptop@@
+  python flow_dit_mnist_cfg.py --width 128 --depth 4 --heads 4 --cond-dim 256 --conv-channels 16 \
+      --label-init-std 1 --batch-size 64 --lr 2e-3 --warmup-steps 100 --epochs 34 \
+      --ema-decay 0.999 --guidance-interval 0,0.7 --sample-steps 20 \
+      --data-dir ../shared/mnist5k --device cpu
+                                                    # laptop CPU: real digits in under 7 minutes
 
 Outputs (in --out-dir): ckpt.pt, loss.png, samples_epochNNN.png previews, and the experiments
 class_grid.png, cfg_scales.png, uncond_cond_cfg.png, class_embeddings.png; --eval adds
 classifier.pt, eval.csv and eval.png.
 
-@@measured@@
+Measured (README.md has the tables): the laptop command above, on the 5k-digit MNIST subset
+(4,000 training digits) and a 2-core AMD EPYC CPU with torch 2.14.1, trains 2,142 steps in 401 s
+including the figures; `--eval` (100 samples per digit, 50 Euler steps, 21 minutes) then reads,
+at the default w = 4 guided only for t <= 0.7, 97.5% class accuracy with a within-class
+diversity of 16.1 (real test digits: 98.9% and 18.0); guided over the whole path, w = 4 gives
+99.8% but diversity 14.1. GPU: not measured yet.
+
+Why the laptop recipe differs from the GPU defaults, which are meant for full MNIST and tens of
+thousands of steps: in 2,000 steps a smaller DiT (1.85M parameters) with a 20x higher peak lr,
+100 warm-up steps and a short EMA (0.999, about the last 1,000 steps) gets further than the big
+model with its slow, smooth settings; a small convolutional stem and head (--conv-channels)
+remove the 4x4 patch edges a small DiT would take long to learn away; class embeddings
+initialised at std 1 instead of 0.02 (--label-init-std) make the label as loud as the time from
+the first step, so the network learns *which* digit early instead of last; and guidance only for
+t <= 0.7 (--guidance-interval) keeps the accuracy while it restores the diversity that guiding
+the noisiest part of the path takes away.
 
 Left out on purpose: latent space / VAE (28x28 pixels are cheap), FID (the classifier table
 measures what this lesson is about), learned sigma, timestep shifting, adaptive ODE solvers,

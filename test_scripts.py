@@ -5,7 +5,6 @@ flags, data is the scripts' built-in synthetic data (nothing is downloaded), and
 tests run the real command lines in subprocesses.
 """
 
-import contextlib
 import copy
 import csv
 import json
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import cross_attention_toy as cat
 import ddpm_cifar_cfg as ddpm
@@ -45,7 +45,8 @@ TINY = {
         "--device", "cpu", "--log-every", "2", "--grid-rows", "1",
     ],
     "cross_attention_toy": [
-        "--width", "16", "--ch-mult", "1,2", "--attn-res", "8", "--heads", "2", "--text-dim",
+        "--width", "16", "--ch-mult", "1,2", "--attn-res", "8", "--self-attn-res", "8",
+        "--heads", "2", "--text-dim",
         "32", "--text-depth", "1", "--batch-size", "8", "--sample-steps", "2", "--eval-samples",
         "1", "--guidance-scales", "1", "--guidance-scale", "2", "--device", "cpu",
         "--log-every", "2", "--eval-every", "0",
@@ -86,12 +87,7 @@ def train_on_fixed_batch(module, model, x0, cond, loss_fn, steps, lr):
     optimizer = torch.optim.AdamW(model.parameters(), lr, weight_decay=0.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for _ in range(steps):
-        if not hasattr(module, "make_optimizer"):  # TRANSITION
-            module.train_step(model, ema, optimizer, scaler, loss_fn(model, x0, cond), 0.99, 1.0)
-            continue
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        module.train_step(model, ema, optimizer, scheduler, scaler, contextlib.nullcontext(), x0,
-                          cond, 0.99, 1.0, loss_fn)  # fmt: skip
+        module.train_step(model, ema, optimizer, scaler, loss_fn(model, x0, cond), 0.99, 1.0)
 
 
 # -----------------------------------------------------------------------------
@@ -419,6 +415,38 @@ def test_ddpm_interpolation_walks_from_one_class_to_the_other():
     for label, end in ((3, row[0]), (5, row[-1])):
         pure = sample(model, model.class_emb(torch.tensor([label])), noise, 2.0, seed=7)[0]
         torch.testing.assert_close(end, pure, rtol=0, atol=1e-6)
+
+
+def test_ddpm_fidelity_is_exact_for_an_oracle_and_chance_for_shuffled_labels():
+    """The --eval numbers must mean something. Each image's brightness encodes its class and an
+    oracle classifier reads it off: accuracy 1 and confidence ~1 for the true labels, chance for
+    shuffled ones; per-class accuracy 1 everywhere; diversity 0 for identical images."""
+    y = torch.arange(10).repeat(30)  # (300,)
+    x = (y.float() / 10).view(-1, 1, 1, 1).expand(-1, 3, 32, 32)  # class k: every pixel k / 10
+
+    def oracle(images):
+        k = (images.mean((1, 2, 3)) * 10).round().long()
+        return 20 * F.one_hot(k, 10).float()
+
+    true = ddpm.fidelity(oracle, x, y, "cpu")
+    assert true["accuracy"] == 1 and true["confidence"] > 0.99 and true["diversity"] < 1e-4
+    assert true["per_class"] == [1.0] * 10
+    shuffled = y[torch.randperm(300, generator=torch.Generator().manual_seed(0))]
+    assert ddpm.fidelity(oracle, x, shuffled, "cpu")["accuracy"] < 0.2
+
+
+@pytest.mark.parametrize("name", ["ddpm_cifar_cfg", "flow_dit_mnist_cfg"])
+def test_step_seed_is_a_function_of_seed_rank_and_step(name):
+    """Each training step's draws depend on (seed, rank, step): the same triple repeats them (exact
+    resume), and another rank or step draws differently (DDP ranks must not share their noise)."""
+
+    def draw(seed, rank, step):
+        MODULES[name].seed_step(seed, rank, step)
+        return torch.randn(8)
+
+    assert torch.equal(draw(0, 0, 5), draw(0, 0, 5))
+    for other in [(1, 0, 5), (0, 1, 5), (0, 0, 6)]:
+        assert not torch.equal(draw(0, 0, 5), draw(*other)), other
 
 
 def test_ddpm_get_batch_gives_images_in_minus_one_to_one():
@@ -836,6 +864,19 @@ def test_cat_text_encoder_ignores_padding():
     assert not torch.allclose(encoder(changed, changed != cat.PAD_ID)[mask], out[mask], atol=1e-3)
 
 
+def test_cat_text_encoder_keeps_each_object_to_itself():
+    """Each clause (the words between two "and"s) attends only to itself: changing the second
+    object's words leaves the first object's token embeddings exactly as they were."""
+    torch.manual_seed(0)
+    encoder = cat.TextEncoder(len(cat.VOCAB), 32, 2, 2)
+    tokens = cat.tokenize(["a red square at the top left and a blue circle at the bottom right",
+                           "a red square at the top left and a green triangle at the top right"],
+                          cat.MAX_LEN)  # fmt: skip
+    out = encoder(tokens, tokens != cat.PAD_ID)
+    torch.testing.assert_close(out[0, :8], out[1, :8])  # <start> + the first object's 7 words
+    assert not torch.allclose(out[0, 8:], out[1, 8:], atol=1e-3)
+
+
 def test_cat_tokenizer_grammar_and_held_out_split():
     null = cat.tokenize([cat.NULL_CAPTION], cat.MAX_LEN)[0]
     assert null[0] == cat.START_ID and (null[1:] == cat.PAD_ID).all()
@@ -875,6 +916,10 @@ def test_cat_checker_accepts_ground_truth_and_rejects_wrong_captions():
     painted = torch.where((circle != -1).any(0), circle, square)
     scene = (("red", "circle", "top left"),)
     assert cat.check_image(circle, scene) and not cat.check_image(painted, scene)
+    # a third of a square (its top two rows): the right colour and shape, but IoU 14/49 < MIN_IOU
+    partial = cat.render([(("red", "square", "top left"),)], 16)[0]
+    partial[:, 2:8] = -1
+    assert not cat.check_image(partial, (("red", "square", "top left"),))
     torch.manual_seed(0)
     assert not any(cat.check_image(torch.randn(3, 16, 16), s) for s in scenes[:20])
 
@@ -1052,9 +1097,7 @@ def test_cat_ddim_is_exact_for_point_masses(w):
     noise = torch.randn(3, 3, 16, 16, generator=g)
     model = PointMassCaptions(abar, prompts, points, null_point)
     tokens = cat.tokenize(prompts, cat.MAX_LEN)
-    x = cat.ddim_sample(
-        model, tokens, model.null_tokens, noise, w, abar, 6, contextlib.nullcontext()
-    )
+    x = cat.ddim_sample(model, tokens, model.null_tokens, noise, w, abar, 6)
     torch.testing.assert_close(x, null_point + w * (points - null_point), rtol=0, atol=1e-4)
     assert len(model.seen) == 6, "one batched [cond; uncond] pass per step"
     if w == 1.0:
@@ -1304,8 +1347,9 @@ BAD_FLAGS = {
         (["--image-size", "12"], "--image-size must be a multiple of 8, got 12"),
         (["--ch-mult", "1,2,2,2,2"], "--ch-mult has too many levels for 16x16 images"),
         (["--attn-res", "5"], "--attn-res 5 is not one of the U-Net resolutions [16, 8, 4]"),
+        (["--self-attn-res", "2"], "--self-attn-res 2 is not one of the U-Net resolutions"),
         (["--width", "12"], "--width must be a multiple of 8 (GroupNorm groups), got 12"),
-        (["--heads", "3"], "--heads 3 does not divide 32 channels"),
+        (["--heads", "5"], "--heads 5 does not divide 24 channels"),
         (["--text-dim", "60"], "--text-dim 60 must be divisible by 2 * --heads"),
         (["--sample-steps", "2000"], "--sample-steps 2000 exceeds --timesteps 1000"),
         (
@@ -1498,7 +1542,7 @@ class CountingModel(torch.nn.Module):
 def test_guidance_interval_guides_only_inside_it(name):
     """Guidance interval (Kynkaanniemi et al. 2024): guided passes only at noise levels inside
     [lo, hi]; plain conditional passes (half the batch) elsewhere; (0, 1) guides every step."""
-    model, B, nullctx = CountingModel(), 3, contextlib.nullcontext()
+    model, B = CountingModel(), 3
     if name == "flow_dit_mnist_cfg":  # Euler at t = 1, 0.75, 0.5, 0.25
 
         def run(interval):
@@ -1522,7 +1566,7 @@ def test_guidance_interval_guides_only_inside_it(name):
                 cat.tokenize([""], cat.MAX_LEN),
             )
             abar, noise = cat.cosine_alphas_cumprod(1000), torch.randn(B, 3, 16, 16)
-            cat.ddim_sample(model, tokens, null, noise, 3.0, abar, 4, nullctx, interval=interval)
+            cat.ddim_sample(model, tokens, null, noise, 3.0, abar, 4, interval=interval)
 
     run((0.3, 0.8))
     assert model.batch_sizes == [B, 2 * B, 2 * B, B]
@@ -1535,7 +1579,7 @@ ARCH_FLAG_NAMES = {"ddpm_cifar_cfg": "--base-ch", "flow_dit_mnist_cfg": "--width
                    "cross_attention_toy": "--width"}  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["ddpm_cifar_cfg", "flow_dit_mnist_cfg"])
+@pytest.mark.parametrize("name", SCRIPTS)
 def test_checkpoint_knows_its_architecture(name, tmp_path, monkeypatch, capsys):
     """--sample-only and --resume take the architecture flags from the checkpoint, as nanoGPT
     does with model_args: after training with tiny widths, no flag needs repeating."""
