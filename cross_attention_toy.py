@@ -16,8 +16,8 @@ Restricting the text encoder's self-attention to the words of one object (each "
 at the POSITION" clause sees only itself; the U-Net's cross-attention still sees every token)
 makes each object's words carry that object's colour and shape and nothing of the other's:
 98.4% and 100% held-out for seeds 0 and 1 (97.7% and 99.2% in-distribution). The network also got
-cheaper (one ResBlock per block, self-attention only at 4x4, width 24 instead of 32): that alone,
-in development runs, did not fix composition.
+cheaper (one ResBlock per block, self-attention only at 4x4, width 24 instead of 32); in
+development runs one ResBlock per block without the clause mask reached only 92% and 64%.
 
 Papers:
   DDPM             Ho, Jain & Abbeel 2020 (eps-prediction loss)   https://arxiv.org/abs/2006.11239
