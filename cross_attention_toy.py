@@ -1017,6 +1017,8 @@ def main(argv=None):
                          "step": step, "losses": losses, **parts}, ckpt_path)  # fmt: skip
 
     window, stop, stop_signal = [], False, StopSignal()
+    # the loop stops to check, log, save or evaluate only at multiples of these
+    check_every = [args.log_every, args.save_every] + [args.eval_every] * bool(args.eval_every)
     bar = tqdm(total=args.max_steps, initial=step, desc="train", dynamic_ncols=True, leave=False)
     t_start = t_log = time.perf_counter()
     try:
@@ -1027,8 +1029,7 @@ def main(argv=None):
             window.append(run.step(x0, tokens, ema_decay_at(step, args.ema_decay)))
             step += 1
             bar.update()
-            every = [args.log_every, args.save_every] + [args.eval_every] * bool(args.eval_every)
-            if step < args.max_steps and all(step % n for n in every):
+            if step < args.max_steps and all(step % n for n in check_every):
                 continue
             # one check at each of those steps: non-finite loss (one sync), Ctrl-C
             window_losses, stop = torch.stack(window).float().cpu(), stop_signal.requested

@@ -46,10 +46,9 @@ TINY = {
     ],
     "cross_attention_toy": [
         "--width", "16", "--ch-mult", "1,2", "--attn-res", "8", "--self-attn-res", "8",
-        "--heads", "2", "--text-dim",
-        "32", "--text-depth", "1", "--batch-size", "8", "--sample-steps", "2", "--eval-samples",
-        "1", "--guidance-scales", "1", "--guidance-scale", "2", "--device", "cpu",
-        "--log-every", "2", "--eval-every", "0",
+        "--heads", "2", "--text-dim", "32", "--text-depth", "1", "--batch-size", "8",
+        "--sample-steps", "2", "--eval-samples", "1", "--guidance-scales", "1",
+        "--guidance-scale", "2", "--device", "cpu", "--log-every", "2", "--eval-every", "0",
     ],
 }  # fmt: skip
 MODULES = {"ddpm_cifar_cfg": ddpm, "flow_dit_mnist_cfg": flow, "cross_attention_toy": cat}
