@@ -36,13 +36,10 @@ eval.csv (with per-class accuracy) and eval.png.
 Measured (README.md has the tables): the laptop command above, on the 5k-digit MNIST subset and a
 2-core AMD EPYC CPU with torch 2.14.1, trains 2,520 steps in 517 s including the figures; `--eval`
 then reads 99.4% class accuracy at the default w = 4 with 0.87 of the real digits' within-class
-diversity (real test digits: 98.6%). GPU and CIFAR-10: not measured yet.
-
-Why the laptop recipe differs from the GPU defaults (meant for CIFAR-10 and ~20,000 steps): in
-2,500 steps a small U-Net (0.35M parameters, one ResBlock per level, no dropout) at a 25x higher
-peak lr with a 100-step warm-up and a short EMA (0.999) gets further than the 25.6M default with
-its slow, smooth settings; in development runs of this budget the linear schedule also beat the
-cosine one.
+diversity (real test digits: 98.6%). GPU and CIFAR-10: not measured yet. The laptop recipe differs
+from the GPU defaults (CIFAR-10, ~20,000 steps): in 2,500 steps a 0.35M-parameter U-Net at a 25x
+higher lr, with short warm-up and EMA and the linear schedule, gets further than the slow, smooth
+25.6M default.
 
 Left out on purpose: FID evaluation, learned variances (Improved DDPM), v-prediction, EDM-style
 preconditioning, latent diffusion. Each would hide the lesson under machinery.
@@ -54,7 +51,6 @@ import copy
 import csv
 import math
 import os
-import pickle
 import signal
 import statistics
 import sys
@@ -146,9 +142,7 @@ def guided_eps(model, x, t, class_emb, null_emb, guidance_scale):
 
 
 @torch.no_grad()
-def ddim_sample(
-    model, class_emb, noise, w, alphas_cumprod, steps, eta=0.0, interval=(0, 1), seed=0
-):
+def ddim_sample(model, class_emb, noise, w, alphas_cumprod, steps, eta=0, interval=(0, 1), seed=0):
     """DDIM (Song et al. 2020, eq. 12) with CFG at scale w, from x_{T-1} = noise down to x_0 on
     `steps` evenly spaced timesteps. class_emb: (B, cond_dim), e.g. model.class_emb(labels).
     eta = 0 is deterministic; eta = 1 adds DDPM's ancestral noise, drawn from a generator seeded
@@ -253,22 +247,19 @@ class UNetBlock(nn.Module):
         return self.attn(self.res(x, cond))
 
 
-class Downsample(nn.Module):
-    def __init__(self, channels):
+class Resample(nn.Module):
+    """A 3x3 conv that halves the resolution (stride 2), or doubles it after a nearest-neighbour
+    upsampling (up=True)."""
+
+    def __init__(self, channels, up):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.upsample = up
+        self.conv = nn.Conv2d(channels, channels, 3, stride=1 if up else 2, padding=1)
 
     def forward(self, x, cond):  # cond unused: every U-Net layer takes (x, cond)
-        return self.conv(x)  # (B, C, H/2, W/2)
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x, cond):  # cond unused: every U-Net layer takes (x, cond)
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))  # (B, C, 2H, 2W)
+        if self.upsample:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")  # (B, C, 2H, 2W)
+        return self.conv(x)  # down: (B, C, H/2, W/2); up: (B, C, 2H, 2W)
 
 
 class UNet(nn.Module):
@@ -296,7 +287,7 @@ class UNet(nn.Module):
                 ch = base_ch * mult
                 skip_chs.append(ch)
             if level < len(ch_mult) - 1:
-                self.down.append(Downsample(ch))
+                self.down.append(Resample(ch, up=False))
                 skip_chs.append(ch)
                 res //= 2
         mid_blocks = [UNetBlock(ch, ch, cond_dim, dropout, heads) for heads in (attn_heads, 0)]
@@ -307,7 +298,7 @@ class UNet(nn.Module):
                 self.up.append(block(ch + skip_chs.pop(), base_ch * mult, res))
                 ch = base_ch * mult
             if level > 0:
-                self.up.append(Upsample(ch))
+                self.up.append(Resample(ch, up=True))
                 res *= 2
         self.out_norm = nn.GroupNorm(norm_groups(ch), ch)
         self.out_conv = nn.Conv2d(ch, in_ch, 3, padding=1)
@@ -387,14 +378,10 @@ def make_synthetic(n, seed):
 
 
 def load_dataset(name, data_dir, synthetic_size, seed, train=True):
-    """The whole training (or test) set as (uint8 images (N, C, 32, 32), int64 labels (N,)). The
-    synthetic test set is a fifth as large, drawn with another seed."""
-    if name == "synthetic":
-        return (
-            make_synthetic(synthetic_size, seed)
-            if train
-            else make_synthetic(max(100, synthetic_size // 5), seed + 1)
-        )
+    """The whole training (or test) set as (uint8 images (N, C, 32, 32), int64 labels (N,))."""
+    if name == "synthetic":  # the test set: a fifth as large, drawn with another seed
+        n = synthetic_size if train else max(100, synthetic_size // 5)
+        return make_synthetic(n, seed if train else seed + 1)
     import torchvision
 
     try:
@@ -405,19 +392,15 @@ def load_dataset(name, data_dir, synthetic_size, seed, train=True):
             ds = torchvision.datasets.MNIST(data_dir, train=train, download=True)
             images = F.pad(ds.data, (2, 2, 2, 2))[:, None]  # (60000, 1, 32, 32): 28x28 padded
     except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), corrupt archive
-        fail(
-            f"could not load {name} into {data_dir!r} ({type(e).__name__}: {e}); put the data "
-            "there and pass --data-dir, or run offline with --dataset synthetic",
-            code=1,
-        )
+        hint = "put the data there and pass --data-dir, or run offline with --dataset synthetic"
+        fail(f"could not load {name} into {data_dir!r} ({type(e).__name__}: {e}); {hint}", code=1)
     return images.contiguous(), torch.as_tensor(ds.targets)
 
 
 def epoch_batches(num_items, batch_size, epoch, seed, rank=0, world_size=1, device="cpu"):
-    """Index batches for one epoch: a fresh permutation per epoch, identical on every rank (it
-    depends only on seed and epoch), split into equal shards, one per rank. Single process: every
-    index once; with N ranks the last N % world_size items of the permutation are skipped so that
-    every rank takes the same number of steps. The last batch may be smaller."""
+    """Index batches for one epoch: a fresh permutation per epoch, a function of seed and epoch
+    alone (so identical on every rank), split into one equal shard per rank (the last
+    num_items % world_size items are skipped). The last batch may be smaller."""
     g = torch.Generator().manual_seed(1_000_000 * seed + epoch)
     perm = torch.randperm(num_items, generator=g)
     perm = perm[: num_items - num_items % world_size][rank::world_size]
@@ -445,22 +428,11 @@ def fixed_noise(n, channels, device, seed):
     return torch.randn(n, channels, IMAGE_SIZE, IMAGE_SIZE, generator=g).to(device)
 
 
-def plot_class_grid(model, sample, names, path, rows, w, seed, title):
-    """rows x 10 samples, one column per class."""
+def class_rows(model, sample, w, seed, rows=1):
+    """rows x 10 samples at guidance scale w, one column per class, from the noise of `seed`."""
     labels = torch.arange(NUM_CLASSES, device=model.class_emb.weight.device).repeat(rows)
     noise = fixed_noise(len(labels), model.stem.in_channels, labels.device, seed)
-    x = sample(model, model.class_emb(labels), noise, w, seed=seed)
-    save_image_grid(x, path, rows, title, col_labels=list(names))
-
-
-def plot_guidance_sweep(model, sample, names, path, scales, seed):
-    """One row per guidance scale w, one column per class, the same noise in every row."""
-    labels = torch.arange(NUM_CLASSES, device=model.class_emb.weight.device)
-    noise = fixed_noise(NUM_CLASSES, model.stem.in_channels, labels.device, seed)
-    rows = [sample(model, model.class_emb(labels), noise, w, seed=seed) for w in scales]
-    title = "Guidance sweep: same noise in each column; w=1 is the plain conditional model"
-    row_labels = [f"w={w:g}" for w in scales]
-    save_image_grid(torch.cat(rows), path, len(scales), title, list(names), row_labels)
+    return sample(model, model.class_emb(labels), noise, w, seed=seed)
 
 
 def interpolate_classes(model, sample, a, b, w, seed, num_mixes=8):
@@ -472,33 +444,27 @@ def interpolate_classes(model, sample, a, b, w, seed, num_mixes=8):
     return sample(model, (1 - mix) * emb[a] + mix * emb[b], noise, w, seed=seed)
 
 
-def plot_interpolation(model, sample, names, path, pairs, w, seed, num_mixes=8):
-    """One row per class pair a -> b: interpolate_classes with the same noise in every row."""
-    rows = [interpolate_classes(model, sample, a, b, w, seed, num_mixes) for a, b in pairs]
-    title = f"Class-embedding interpolation (w={w:g}, one fixed noise)"
-    col_labels = [f"{m:.2f}" for m in torch.linspace(0, 1, num_mixes).tolist()]
-    row_labels = [f"{names[a]} -> {names[b]}" for a, b in pairs]
-    save_image_grid(torch.cat(rows), path, len(pairs), title, col_labels, row_labels)
-
-
-def plot_ema_vs_raw(raw, ema, sample, names, path, w, seed):
-    """The raw weights against their exponential moving average, same noise and labels."""
-    labels = torch.arange(NUM_CLASSES, device=ema.class_emb.weight.device)
-    noise = fixed_noise(NUM_CLASSES, ema.stem.in_channels, labels.device, seed)
-    rows = [sample(m, m.class_emb(labels), noise, w, seed=seed) for m in (raw, ema)]
-    title = f"Raw vs EMA weights (w={w:g}, same noise)"
-    save_image_grid(torch.cat(rows), path, 2, title, list(names), ["raw", "EMA"])
-
-
 def run_experiments(raw, ema, sample, args):
     """The lesson's four figures, from the raw and EMA weights (after training or --sample-only)."""
     names, out, w, seed = CLASS_NAMES[args.dataset], args.out_dir, args.guidance_scale, args.seed
     raw.eval()  # dropout off
+    x = class_rows(ema, sample, w, seed, args.grid_rows)
     title = f"EMA samples, one column per class (w={w:g})"
-    plot_class_grid(ema, sample, names, f"{out}/class_grid.png", args.grid_rows, w, seed, title)
-    plot_guidance_sweep(ema, sample, names, f"{out}/guidance_sweep.png", args.guidance_scales, seed)
-    plot_interpolation(ema, sample, names, f"{out}/interpolation.png", args.interp_pairs, w, seed)
-    plot_ema_vs_raw(raw, ema, sample, names, f"{out}/ema_vs_raw.png", w, seed)
+    save_image_grid(x, f"{out}/class_grid.png", title, names)
+    # one row per guidance scale, the same noise in every row
+    x = torch.cat([class_rows(ema, sample, scale, seed) for scale in args.guidance_scales])
+    title = "Guidance sweep: same noise in each column; w=1 is the plain conditional model"
+    rows = [f"w={scale:g}" for scale in args.guidance_scales]
+    save_image_grid(x, f"{out}/guidance_sweep.png", title, names, rows)
+    # one row per class pair a -> b, the same noise in every row
+    x = torch.cat([interpolate_classes(ema, sample, a, b, w, seed) for a, b in args.interp_pairs])
+    title = f"Class-embedding interpolation (w={w:g}, one fixed noise)"
+    mixes = [f"{m:.2f}" for m in torch.linspace(0, 1, len(x) // len(args.interp_pairs)).tolist()]
+    rows = [f"{names[a]} -> {names[b]}" for a, b in args.interp_pairs]
+    save_image_grid(x, f"{out}/interpolation.png", title, mixes, rows)
+    x = torch.cat([class_rows(model, sample, w, seed) for model in (raw, ema)])
+    title = f"Raw vs EMA weights (w={w:g}, same noise)"
+    save_image_grid(x, f"{out}/ema_vs_raw.png", title, names, ["raw", "EMA"])
     print(f"wrote class_grid.png, guidance_sweep.png, interpolation.png, ema_vs_raw.png to {out}")
 
 
@@ -534,127 +500,115 @@ def build_classifier(in_channels):
     )  # fmt: skip
 
 
-def train_classifier(images, labels, epochs, seed, device, hflip=False, batch_size=128, lr=2e-3):
-    """AdamW with a one-cycle lr schedule on uint8 images (N, C, H, W); as augmentation every
-    image moves by up to 2 pixels (and is flipped half the time with hflip, for CIFAR-10)."""
-    g = torch.Generator().manual_seed(seed)
+def get_classifier(args, images, labels, device):
+    """The judge, cached in --out-dir/classifier.pt if it was trained from exactly these flags,
+    else trained on uint8 images (N, C, H, W) and cached: AdamW with a one-cycle lr schedule; as
+    augmentation every image moves by up to 2 pixels (and is flipped half the time on CIFAR-10)."""
+    path, epochs, seed = f"{args.out_dir}/classifier.pt", args.classifier_epochs, args.seed
+    keys = "dataset data_dir synthetic_size seed classifier_epochs".split()
+    trained_from = {k: getattr(args, k) for k in keys}  # the cache is valid for these only
     torch.manual_seed(seed)  # the initial weights and dropout masks
     classifier = build_classifier(images.shape[1]).to(device)
-    optimizer = torch.optim.AdamW(classifier.parameters(), lr, weight_decay=1e-4)
-    total = epochs * math.ceil(len(images) / batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=total)
-    H, W = images.shape[-2:]
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["trained_from"] == trained_from:
+            classifier.load_state_dict(state["model"])
+            return classifier.eval()
+    except Exception:  # missing, unreadable or another network: train a new one
+        pass
+    t0, g, H, W = time.time(), torch.Generator().manual_seed(seed), *images.shape[-2:]
+    optimizer = torch.optim.AdamW(classifier.parameters(), 2e-3, weight_decay=1e-4)
+    total = epochs * math.ceil(len(images) / 128)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 2e-3, total_steps=total)
     for _ in range(epochs):
-        for idx in torch.randperm(len(images), generator=g).split(batch_size):
+        for idx in torch.randperm(len(images), generator=g).split(128):  # batches of 128
             padded = F.pad(images[idx].float() / 127.5 - 1, (2, 2, 2, 2), value=-1.0)
             dy, dx = torch.randint(0, 5, (2, len(idx)), generator=g).tolist()
             x = torch.stack([p[:, i : i + H, j : j + W] for p, i, j in zip(padded, dy, dx)])
-            if hflip:
+            if args.dataset == "cifar10":  # horizontal flips
                 x = torch.where(torch.rand(len(x), 1, 1, 1, generator=g) < 0.5, x.flip(3), x)
             loss = F.cross_entropy(classifier(x.to(device)), labels[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-    return classifier.eval()
-
-
-def get_classifier(path, trained_from, images, labels, epochs, seed, device, hflip=False):
-    """The classifier cached at `path` if it was trained from exactly `trained_from` (dataset,
-    data folder, size, seed and epochs), else a new one, cached there."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
-        state = None  # missing or unreadable: train a new one
-    if isinstance(state, dict) and state.get("trained_from") == trained_from:
-        classifier = build_classifier(images.shape[1]).to(device)
-        classifier.load_state_dict(state["model"])
-        return classifier.eval()
-    t0 = time.time()
-    classifier = train_classifier(images, labels, epochs, seed, device, hflip)
     save_checkpoint({"trained_from": trained_from, "model": classifier.state_dict()}, path)
     print(f"classifier: trained {epochs} epochs in {time.time() - t0:.0f} s, saved to {path}")
-    return classifier
-
-
-def mean_pairwise_distance(images):
-    """Mean L2 distance over all pairs of distinct images (N, C, H, W), in [-1, 1] pixel units."""
-    flat = images.flatten(1).double()  # (N, C*H*W)
-    return (torch.cdist(flat, flat).sum() / (len(flat) * (len(flat) - 1))).item()
+    return classifier.eval()
 
 
 @torch.no_grad()
 def fidelity(classifier, images, labels, device):
     """accuracy: fraction classified as the requested class; confidence: mean probability of the
-    requested class; diversity: mean pairwise distance within a class, averaged over classes;
-    per_class: the accuracy of each class. images (N, C, H, W) in [-1, 1], on the CPU."""
-    probs = torch.cat(
-        [classifier(x.to(device)).float().softmax(-1).cpu() for x in images.split(500)]
-    )
+    requested class; diversity: mean L2 distance between two distinct images of one class (pixels
+    in [-1, 1]), averaged over classes; per_class: the accuracy of each class. images (N, C, H, W)
+    in [-1, 1], on the CPU."""
+    logits = torch.cat([classifier(x.to(device)).float().cpu() for x in images.split(500)])
+    probs = logits.softmax(-1)  # (N, 10)
     hit = (probs.argmax(1) == labels).float()  # (N,)
-    classes = [c for c in range(NUM_CLASSES) if (labels == c).sum() >= 2]
+    flat = [images[labels == c].flatten(1).double() for c in range(NUM_CLASSES)]  # (N_c, C*H*W)
+    distances = [torch.cdist(f, f).sum() / (len(f) * (len(f) - 1)) for f in flat if len(f) > 1]
     return {
         "accuracy": hit.mean().item(),
         "confidence": probs[torch.arange(len(labels)), labels].mean().item(),
-        "diversity": statistics.mean(mean_pairwise_distance(images[labels == c]) for c in classes),
+        "diversity": torch.stack(distances).mean().item(),
         "per_class": [hit[labels == c].mean().item() for c in range(NUM_CLASSES)],
     }
 
 
-def evaluate(model, sample, classifier, test_set, scales, interval, per_class, seed):
-    """The --eval table: a `real` row for up to per_class test images of each class, one row per
-    guidance scale w on the whole chain, and one per w > 1 guided only in `interval`. Every row
+def evaluate(run, args, device):
+    """--eval: a `real` row for up to --eval-per-class test images of each class, one row per w of
+    --eval-scales on the whole chain, and one per w > 1 guided only in --eval-interval. Every row
     starts from the same noise, so the rows differ only by the guidance."""
-    device = next(model.parameters()).device
-    images, labels = test_set
-    real = torch.cat([(labels == c).nonzero()[:per_class, 0] for c in range(NUM_CLASSES)])
-    x_real, y_real = images[real].float() / 127.5 - 1, labels[real]
-    rows = [{"w": "real", "interval": None, **fidelity(classifier, x_real, y_real, device)}]
-    y = torch.arange(NUM_CLASSES).repeat_interleave(per_class)  # (10 * per_class,)
-    noise = fixed_noise(len(y), images.shape[1], "cpu", seed)
+    load = partial(load_dataset, args.dataset, args.data_dir, args.synthetic_size, args.seed)
+    classifier = get_classifier(args, *load(train=True), device)
+    (images, labels), n, t0 = load(train=False), args.eval_per_class, time.time()
+    real = torch.cat([(labels == c).nonzero()[:n, 0] for c in range(NUM_CLASSES)])
+    scores = fidelity(classifier, images[real].float() / 127.5 - 1, labels[real], device)
+    rows = [{"w": "real", "interval": None, "label": "real", **scores}]
+    y = torch.arange(NUM_CLASSES).repeat_interleave(n)  # (10 * n,)
+    noise = fixed_noise(len(y), images.shape[1], "cpu", args.seed)
+    emb, scales, interval = run.sampler.class_emb, args.eval_scales, args.eval_interval
     for w, where in [(w, None) for w in scales] + [(w, interval) for w in scales if w > 1]:
-        samples = torch.cat([
-            sample(model, model.class_emb(y_part.to(device)), noise_part.to(device), w, seed=seed,
-                   interval=where or (0, 1)).cpu()
-            for y_part, noise_part in zip(y.split(500), noise.split(500))
-        ])  # fmt: skip
-        rows.append({"w": w, "interval": where, **fidelity(classifier, samples, y, device)})
-    return rows
+        guided = partial(run.sample, run.sampler, w=w, interval=where or (0, 1), seed=args.seed)
+        parts = zip(y.split(500), noise.split(500))  # 500 images at a time
+        with run.ctx:
+            samples = torch.cat([guided(emb(c.to(device)), z.to(device)).cpu() for c, z in parts])
+        label = f"{w:g}" + (" in [{:g}, {:g}]".format(*where) if where else "")
+        scores = fidelity(classifier, samples, y, device)
+        rows.append({"w": w, "interval": where, "label": label, **scores})
+    dt, steps = time.time() - t0, args.sample_steps
+    print(f"class fidelity: {n} samples per class and row, {steps} DDIM steps, {dt:.0f} s")
+    report_eval(rows, CLASS_NAMES[args.dataset], interval, args.out_dir)
 
 
-def report_eval(rows, class_names, out_dir):
+def report_eval(rows, class_names, interval, out_dir):
     """The table on stdout and in eval.csv, with each class's accuracy, and eval.png: accuracy
     and diversity against w, and which classes guidance helps most."""
-    labels = [f"{r['w']:g}" if r["w"] != "real" else "real" for r in rows]
-    labels = [w + (" in [{:g}, {:g}]".format(*r["interval"]) if r["interval"] else "")
-              for w, r in zip(labels, rows)]  # fmt: skip
     header = ["w", "accuracy", "confidence", "diversity", *class_names]
     print(f"{header[0]:>15}" + "".join(f"{h[:10]:>11}" for h in header[1:]))
     with open(os.path.join(out_dir, "eval.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
-        for label, r in zip(labels, rows):
+        for r in rows:
             values = [r["accuracy"], r["confidence"], r["diversity"], *r["per_class"]]
-            writer.writerow([label, *values])
-            print(f"{label:>15}" + "".join(f"{v:11.3f}" for v in values))
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
-    full = [r for r in rows[1:] if r["interval"] is None]
-    for part, style in ((full, "o-"), ([r for r in rows if r["interval"]], "s--")):
-        if not part:
-            continue
-        name = "whole chain" if part is full else labels[rows.index(part[0])].split(" ", 1)[1]
-        for ax, key in zip(axes, ("accuracy", "diversity")):
+            writer.writerow([r["label"], *values])
+            print(f"{r['label']:>15}" + "".join(f"{v:11.3f}" for v in values))
+    fig = figure(figsize=(16, 4))
+    axes = fig.subplots(1, 3)
+    whole, inside = ([r for r in rows[1:] if r["interval"] == i] for i in (None, interval))
+    guided = "in [{:g}, {:g}]".format(*interval)
+    for part, style, name in ((whole, "o-", "whole chain"), (inside, "s--", guided)):
+        for ax, key in zip(axes, ("accuracy", "diversity") if part else ()):
             ax.plot([r["w"] for r in part], [r[key] for r in part], style, label=name)
             ax.axhline(rows[0][key], ls=":", c="k")
     for c, name in enumerate(class_names):
-        axes[2].plot([r["w"] for r in full], [r["per_class"][c] for r in full], "o-", label=name)
+        axes[2].plot([r["w"] for r in whole], [r["per_class"][c] for r in whole], "o-", label=name)
     titles = ("classified as requested", "diversity (dotted: real images)", "accuracy per class")
     for ax, title in zip(axes, titles):
         ax.set(xlabel="guidance scale w", title=title)
         ax.legend(fontsize=7)
     fig.savefig(os.path.join(out_dir, "eval.png"), dpi=150, bbox_inches="tight")
-    plt.close(fig)
 
 
 # -----------------------------------------------------------------------------
@@ -665,12 +619,6 @@ def report_eval(rows, class_names, out_dir):
 def update_ema(ema, model, decay):
     """ema = decay * ema + (1 - decay) * model, for all tensors in one multi-tensor kernel."""
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-
-
-def ema_decay_at(step, decay):
-    """EMA warm-up: early on the average would be stuck near the random init, so the effective
-    decay grows as (1 + step) / (10 + step) until it reaches the configured value."""
-    return min(decay, (1 + step) / (10 + step))
 
 
 def warmup_cosine(step, warmup_steps, total_steps):
@@ -701,16 +649,13 @@ def setup(args, device, total_steps):
     torch.manual_seed(args.seed)  # the same initial weights, and so the same EMA, on every rank
     model = build_model(args).to(device, memory_format=fmt)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    # fused AdamW: one kernel for the whole update instead of several per parameter tensor
-    fused = device.type in ("cuda", "cpu")
-    optimizer = torch.optim.AdamW(
-        model.parameters(), args.lr, weight_decay=args.weight_decay, fused=fused
+    optimizer = torch.optim.AdamW(  # fused: one kernel for the whole update, not one per tensor
+        model.parameters(), args.lr, weight_decay=args.weight_decay, fused=device.type != "mps"
     )
     lr_lambda = partial(warmup_cosine, warmup_steps=args.warmup_steps, total_steps=total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only
     alphas_cumprod = make_alphas_cumprod(args.schedule, args.timesteps).to(device)
-    loss_fn = partial(diffusion_loss, alphas_cumprod=alphas_cumprod, p_uncond=args.p_uncond)
     train_model = torch.compile(model) if args.compile else model
     if dist.is_initialized():
         train_model = DistributedDataParallel(train_model)
@@ -718,7 +663,7 @@ def setup(args, device, total_steps):
     def step(x0, y, ema_decay):
         """One optimizer step; returns the loss without syncing, so the GPU can run ahead."""
         with ctx:
-            loss = loss_fn(train_model, x0, y)
+            loss = diffusion_loss(train_model, x0, y, alphas_cumprod, args.p_uncond)
         train_step(model, ema, optimizer, scaler, loss, ema_decay, args.grad_clip)
         scheduler.step()
         return loss.detach()
@@ -737,11 +682,13 @@ def main(argv=None):
     master = rank == 0  # only rank 0 prints, shows progress bars and writes files
     if args.bench:
         return benchmark(args, device)
-    from_ckpt = args.resume or args.sample_only or args.eval
+    no_training = args.sample_only or args.eval
     ckpt_path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
-    check_output_paths(args.out_dir, ckpt_path, writes_ckpt=not (args.sample_only or args.eval))
-    ckpt = load_checkpoint(ckpt_path, args) if from_ckpt else None  # also sets MODEL_ARGS
-    if args.sample_only or args.eval:
+    check_output_paths(args.out_dir, ckpt_path, writes_ckpt=not no_training)
+    ckpt = (
+        load_checkpoint(ckpt_path, args) if args.resume or no_training else None
+    )  # MODEL_ARGS too
+    if no_training:
         run = setup(args, device, total_steps=1)
         run.model.load_state_dict(ckpt["model"])
         run.ema.load_state_dict(ckpt["ema"])
@@ -749,7 +696,7 @@ def main(argv=None):
             with run.ctx:
                 run_experiments(run.model, run.sampler, run.sample, args)
         if master and args.eval:
-            evaluate_checkpoint(run, args, device)
+            evaluate(run, args, device)
         return run.model
 
     if rank > 0:
@@ -758,53 +705,53 @@ def main(argv=None):
     if world_size > 1 and rank == 0:
         dist.barrier()
     images, labels = images.to(device), labels.to(device)
-    rank_batch = args.batch_size // world_size
+    rank_batch, hflip = args.batch_size // world_size, args.dataset == "cifar10"
     steps_per_epoch = math.ceil(len(images) // world_size / rank_batch)
     total_steps = args.epochs * steps_per_epoch
     max_steps = min(total_steps, args.max_steps or total_steps)
-    run, step, losses, saved_step = setup(args, device, total_steps), 0, [], None
+    run, step, losses = setup(args, device, total_steps), 0, []
     if ckpt:
         for part in CHECKPOINT_PARTS:  # the scaler's state is empty unless --dtype fp16
             getattr(run, part).load_state_dict(ckpt[part])
-        step, losses, saved_step = ckpt["step"], ckpt["losses"], ckpt["step"]
+        step, losses = ckpt["step"], ckpt["losses"]
+    params = sum(p.numel() for p in run.model.parameters()) / 1e6
+    resumed = f", resumed at step {step}" if ckpt else ""
     if master:
-        resumed = f", resumed at step {step}" if ckpt else ""
-        print(f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters, {device}, "
-              f"{run.dtype}, {world_size} process(es){resumed}")  # fmt: skip
+        print(f"{params:.2f}M parameters, {device}, {run.dtype}, {world_size} process(es){resumed}")
 
-    def save():
-        if master:
-            parts = {k: getattr(run, k).state_dict() for k in CHECKPOINT_PARTS}
-            model_args = {key: getattr(args, key) for key in MODEL_ARGS}
-            save_checkpoint({"script": SCRIPT, "args": vars(args), "model_args": model_args,
-                             "step": step, "losses": losses, **parts}, ckpt_path)  # fmt: skip
-
-    batches, window, stop, stop_signal = None, [], False, StopSignal()
+    stop, batches, window, saved_step = False, None, [], step  # saved_step 0: nothing saved yet
+    stop_signal = StopSignal()
     bar = tqdm(total=max_steps, initial=step, disable=not master, leave=False, dynamic_ncols=True)
     t_log = time.perf_counter()
     try:
         while step < max_steps and not stop:
             epoch, i = divmod(step, steps_per_epoch)
             if i == 0 or batches is None:  # a fresh order each epoch, a function of seed and epoch
-                batches = epoch_batches(len(images), rank_batch, epoch, args.seed, rank,
-                                        world_size, device)  # fmt: skip
+                n = len(images)
+                batches = epoch_batches(n, rank_batch, epoch, args.seed, rank, world_size, device)
             seed_step(args.seed, rank, step)
-            x0, y = get_batch(images, labels, batches[i], args.dataset == "cifar10",
-                              run.memory_format)  # fmt: skip
-            window.append(run.step(x0, y, ema_decay_at(step, args.ema_decay)))
+            x0, y = get_batch(images, labels, batches[i], hflip, run.memory_format)
+            # EMA warm-up: early on the average would be stuck near the random init, so the
+            # effective decay grows as (1 + step) / (10 + step) until it reaches --ema-decay
+            window.append(run.step(x0, y, min(args.ema_decay, (1 + step) / (10 + step))))
             step, epoch_end = step + 1, (step + 1) % steps_per_epoch == 0 or step + 1 == max_steps
             bar.update()
             if step % args.log_every and not epoch_end:
                 continue
             # every --log-every steps one check: non-finite loss, Ctrl-C, all DDP ranks agreeing
-            window_losses, nonfinite, stop = check_window(window, stop_signal.requested, world_size)
-            if nonfinite:
-                bad = (~window_losses.isfinite()).nonzero()  # empty if another rank had it
-                bad_step = step - len(window) + 1 + (int(bad[0]) if len(bad) else 0)
+            window = torch.stack(window).float()  # one device sync for the whole window
+            flags = torch.tensor(
+                [not window.isfinite().all(), stop_signal.requested], device=device
+            )
+            if world_size > 1:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # so that all ranks stop together
+            nonfinite, stop = flags.tolist()
+            if nonfinite:  # the first non-finite step of the window (its first: another rank's)
+                bad_step = step - len(window) + 1 + int((~window.isfinite()).int().argmax())
                 kept = f"{ckpt_path} still holds step {saved_step}" if saved_step else "nothing"
                 fail(f"loss became non-finite at step {bad_step}; stopped without saving ({kept}"
                      " kept). Try a lower --lr, or --dtype fp32", code=1)  # fmt: skip
-            losses += window_losses.tolist()
+            losses += window.tolist()
             dt, window = (time.perf_counter() - t_log) / len(window), []
             if master:
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -812,14 +759,19 @@ def main(argv=None):
                            f"{run.scheduler.get_last_lr()[0]:.2e} | {1e3 * dt:6.1f} ms/step | "
                            f"{args.batch_size / dt:6.0f} img/s")  # fmt: skip
             if stop or step == max_steps or (epoch_end and (epoch + 1) % args.save_every == 0):
-                save()
+                if master:
+                    parts = {k: getattr(run, k).state_dict() for k in CHECKPOINT_PARTS}
+                    parts["model_args"] = {key: getattr(args, key) for key in MODEL_ARGS}
+                    meta = {"script": SCRIPT, "args": vars(args), "step": step, "losses": losses}
+                    save_checkpoint({**meta, **parts}, ckpt_path)
                 saved_step = step
             if master and epoch_end and (epoch + 1) % args.sample_every == 0:
-                path, w = f"{args.out_dir}/samples_epoch{epoch + 1:03d}.png", args.guidance_scale
-                title = f"EMA samples after epoch {epoch + 1} (w={w:g})"
+                w = args.guidance_scale
                 with run.ctx:
-                    plot_class_grid(run.sampler, run.sample, CLASS_NAMES[args.dataset], path, 2,
-                                    w, args.seed, title)  # fmt: skip
+                    x = class_rows(run.sampler, run.sample, w, args.seed, rows=2)
+                path = f"{args.out_dir}/samples_epoch{epoch + 1:03d}.png"
+                title = f"EMA samples after epoch {epoch + 1} (w={w:g})"
+                save_image_grid(x, path, title, CLASS_NAMES[args.dataset])
             t_log = time.perf_counter()
     finally:
         stop_signal.restore()
@@ -838,32 +790,8 @@ def main(argv=None):
     return run.model
 
 
-def evaluate_checkpoint(run, args, device):
-    """--eval: the classifier (trained once, cached in --out-dir), then the fidelity table."""
-    train_set, test_set = (load_dataset(args.dataset, args.data_dir, args.synthetic_size,
-                                        args.seed, train) for train in (True, False))  # fmt: skip
-    keys = "dataset data_dir synthetic_size seed classifier_epochs".split()
-    trained_from = {k: getattr(args, k) for k in keys}  # the cache is valid for these only
-    classifier = get_classifier(f"{args.out_dir}/classifier.pt", trained_from, *train_set,
-                                args.classifier_epochs, args.seed, device,
-                                hflip=args.dataset == "cifar10")  # fmt: skip
-    t0 = time.time()
-    with run.ctx:
-        rows = evaluate(run.sampler, run.sample, classifier, test_set, args.eval_scales,
-                        args.eval_interval, args.eval_per_class, args.seed)  # fmt: skip
-    print(f"class fidelity: {args.eval_per_class} samples per class and row, "
-          f"{args.sample_steps} DDIM steps, {time.time() - t0:.0f} s")  # fmt: skip
-    report_eval(rows, CLASS_NAMES[args.dataset], args.out_dir)
-    return rows
-
-
 # -----------------------------------------------------------------------------
 # Config
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of the whole usage block, exit code 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def checked(convert, is_valid, expected):
@@ -871,18 +799,15 @@ def checked(convert, is_valid, expected):
     error naming the flag, before any data or model is touched."""
 
     def parse(text):
-        try:
-            value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or not is_valid(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
+        with contextlib.suppress(ValueError):
+            if is_valid(value := convert(text)):
+                return value
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
 
     return parse
 
 
-def split(convert):
+def split(convert):  # "1,2,2" -> [1, 2, 2]
     return lambda text: [convert(v) for v in text.split(",")]
 
 
@@ -906,32 +831,28 @@ class_pairs = checked(  # "3-5,0-8" -> [(3, 5), (0, 8)]
 
 
 def get_args(argv=None):
-    p = ArgumentParser(
+    p = argparse.ArgumentParser(
         prog=f"{SCRIPT}.py",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Class-conditional DDPM with classifier-free guidance.",
     )
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, exit code 2
     # fmt: off
     add = p.add_argument_group("data").add_argument
     add("--dataset", default="cifar10", choices=("cifar10", "mnist", "synthetic"),
-        help="cifar10 (32x32 RGB), mnist (padded to 32x32, 1 channel) or synthetic (coloured "
-             "shapes generated in memory: no download)")
+        help="cifar10, mnist (padded to 32x32) or synthetic (coloured shapes made in memory)")
     add("--data-dir", default="data", help="where torchvision finds or downloads data")
     add("--synthetic-size", type=positive_int, default=10000, help="images in --dataset synthetic")
     add = p.add_argument_group("model").add_argument
     add("--base-ch", type=positive_int, default=128, help="channels at 32x32 (even)")
-    add("--ch-mult", type=int_list, default=[1, 2, 2],
-        help="channel multiplier per resolution: 32 -> 16 -> 8 for three levels")
+    add("--ch-mult", type=int_list, default=[1, 2, 2], help="channel multiplier per resolution")
     add("--num-res-blocks", type=positive_int, default=2, help="residual blocks per resolution")
-    add("--attn-res", type=int_list, default=[8],
-        help="resolutions (pixels) with self-attention after each residual block")
+    add("--attn-res", type=int_list, default=[8], help="resolutions (pixels) with self-attention")
     add("--attn-heads", type=positive_int, default=4, help="self-attention heads")
-    add("--cond-dim", type=positive_int, default=256,
-        help="width of the conditioning vector (time + class embedding)")
+    add("--cond-dim", type=positive_int, default=256, help="width of the time + class embedding")
     add("--dropout", type=probability, default=0.1, help="dropout in residual blocks")
     add = p.add_argument_group("diffusion").add_argument
-    add("--schedule", default="cosine", choices=("cosine", "linear"),
-        help="beta schedule: cosine (Nichol & Dhariwal) or linear (Ho et al.)")
+    add("--schedule", default="cosine", choices=("cosine", "linear"), help="beta schedule")
     add("--timesteps", type=positive_int, default=1000, help="diffusion steps T")
     add = p.add_argument_group("training").add_argument
     add("--epochs", type=positive_int, default=50, help="passes over the training set")
@@ -940,14 +861,11 @@ def get_args(argv=None):
     add("--batch-size", type=positive_int, default=128, help="global batch, split over ranks")
     add("--lr", type=positive_float, default=2e-4, help="peak AdamW learning rate")
     add("--weight-decay", type=nonnegative_float, default=1e-4, help="AdamW decay")
-    add("--warmup-steps", type=nonnegative_int, default=1000,
-        help="steps of linear lr warm-up before the cosine decay")
+    add("--warmup-steps", type=nonnegative_int, default=1000, help="steps of linear lr warm-up")
     add("--grad-clip", type=positive_float, default=1.0, help="max gradient norm")
-    add("--p-uncond", type=probability, default=0.15,
-        help="probability of replacing a label by the null class (CFG training)")
+    add("--p-uncond", type=probability, default=0.15, help="share of labels dropped to null")
     add("--ema-decay", type=probability, default=0.9999, help="EMA decay of the weights")
-    add("--log-every", type=positive_int, default=50,
-        help="steps between log lines and loss checks (Ctrl-C is honoured at these)")
+    add("--log-every", type=positive_int, default=50, help="steps between log lines and checks")
     add("--save-every", type=positive_int, default=1, help="epochs between checkpoints")
     add("--sample-every", type=positive_int, default=5, help="epochs between preview grids")
     add("--resume", action="store_true", help="continue from --ckpt (default --out-dir/ckpt.pt)")
@@ -958,8 +876,7 @@ def get_args(argv=None):
     add("--guidance-interval", type=interval_pair, default=(0.0, 1.0), metavar="LO,HI",
         help="guide only while t / T is in [LO, HI] (t = T is noise), conditional elsewhere")
     add("--eta", type=unit_float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
-    add("--guidance-scales", type=float_list, default=[1, 2, 4, 6, 8, 10],
-        help="scales w for guidance_sweep.png")
+    add("--guidance-scales", type=float_list, default=[1, 2, 4, 6, 8, 10], help="w of the sweep")
     add("--interp-pairs", type=class_pairs, default=[(3, 5), (0, 8), (1, 9), (2, 0)],
         help="class pairs a-b for interpolation.png (CIFAR: cat->dog, airplane->ship, ...)")
     add("--grid-rows", type=positive_int, default=10, help="samples per class in class_grid.png")
@@ -967,13 +884,11 @@ def get_args(argv=None):
     add("--ckpt", default=None, help="checkpoint to read and write (default --out-dir/ckpt.pt)")
     add = p.add_argument_group("evaluation").add_argument
     add("--eval", action="store_true", help="no training: score --ckpt's samples with a classifier")
-    add("--eval-per-class", type=positive_int, default=100,
-        help="generated samples per class and table row (at least 2)")
+    add("--eval-per-class", type=positive_int, default=100, help="samples per class and row (>= 2)")
     add("--eval-scales", type=float_list, default=[0, 1, 2, 3, 4, 6], help="w scored by --eval")
     add("--eval-interval", type=interval_pair, default=(0.0, 0.7), metavar="LO,HI",
         help="guidance interval of the table's extra rows (one per w > 1)")
-    add("--classifier-epochs", type=positive_int, default=10,
-        help="epochs of the eval classifier (cached in --out-dir/classifier.pt)")
+    add("--classifier-epochs", type=positive_int, default=10, help="epochs of the eval classifier")
     add = p.add_argument_group("system").add_argument
     add("--out-dir", default="out/ddpm_cifar", help="checkpoints and figures go here")
     add("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"), help="cuda > mps > cpu")
@@ -1000,14 +915,12 @@ def get_args(argv=None):
     if IMAGE_SIZE % 2 ** (len(args.ch_mult) - 1):
         p.error(f"--ch-mult has too many levels for {IMAGE_SIZE}x{IMAGE_SIZE} images")
     resolutions = [IMAGE_SIZE // 2**i for i in range(len(args.ch_mult))]
-    for res in args.attn_res:
+    for res in [*args.attn_res, resolutions[-1]]:  # the middle block has attention too
         if res not in resolutions:
             p.error(f"--attn-res {res} is not one of the U-Net resolutions {resolutions}")
-        level_ch = args.base_ch * args.ch_mult[resolutions.index(res)]
-        if level_ch % args.attn_heads:
-            p.error(f"--attn-heads {args.attn_heads} does not divide {level_ch} channels at {res}")
-    if args.base_ch * args.ch_mult[-1] % args.attn_heads:
-        p.error(f"--attn-heads {args.attn_heads} does not divide the middle block's channels")
+        channels = args.base_ch * args.ch_mult[resolutions.index(res)]
+        if channels % args.attn_heads:
+            p.error(f"--attn-heads {args.attn_heads} does not divide {channels} channels at {res}")
     if args.sample_steps > args.timesteps:
         p.error(f"--sample-steps {args.sample_steps} exceeds --timesteps {args.timesteps}")
     if args.eval_per_class < 2:
@@ -1067,17 +980,6 @@ def seed_step(seed, rank, step):
     torch.manual_seed(hash((seed, rank, step)))
 
 
-def check_window(window, stop_requested, world_size):
-    """The last losses on the CPU (one device sync), and the flags (non-finite loss, stop
-    requested) as all ranks agree on them, so that they stop together."""
-    losses = torch.stack(window).float()
-    flags = torch.tensor([not losses.isfinite().all(), stop_requested], device=losses.device)
-    if world_size > 1:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    nonfinite, stop = flags.tolist()
-    return losses.cpu(), nonfinite, stop
-
-
 class StopSignal:
     """Ctrl-C (SIGINT) or SIGTERM (torchrun, schedulers) sets a flag, so the training loop can save
     a checkpoint and exit cleanly at its next check. A second Ctrl-C aborts at once."""
@@ -1097,8 +999,7 @@ class StopSignal:
 
 
 def check_output_paths(out_dir, ckpt_path, writes_ckpt):
-    """Fail now, with one line, if the figures or the checkpoint could not be written later: an
-    --out-dir that is a file or read-only, or a --ckpt in a folder that does not exist."""
+    """Fail now, with one line, if the figures or the checkpoint could not be written later."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         fail(f"--out-dir {out_dir} is a file, not a folder")
     try:
@@ -1110,15 +1011,13 @@ def check_output_paths(out_dir, ckpt_path, writes_ckpt):
         fail(f"--ckpt {ckpt_path}: the folder {ckpt_dir} does not exist")
     for folder in (out_dir, ckpt_dir) if writes_ckpt else (out_dir,):
         try:
-            with tempfile.TemporaryFile(dir=folder):  # a probe: can we create files there?
-                pass
+            tempfile.TemporaryFile(dir=folder).close()  # a probe: can we create files there?
         except OSError as e:
             fail(f"cannot write to {folder} ({e.strerror})")
 
 
 def save_checkpoint(state, path):
-    """Atomic save: write a temporary file in the same folder, then rename it over the old one.
-    A crash or kill during torch.save leaves the previous checkpoint untouched."""
+    """Atomic: a crash or kill during torch.save leaves the previous file at `path` untouched."""
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
 
@@ -1143,38 +1042,38 @@ def load_checkpoint(path, args):
     return ckpt
 
 
-def pyplot():
-    """matplotlib is imported only when a figure is drawn, so importing the script stays fast."""
-    import matplotlib
+def figure(**kwargs):
+    """A matplotlib Figure that draws to files only (no pyplot, no display). matplotlib is
+    imported only when a figure is drawn, so importing the script stays fast."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kwargs)
 
 
-def save_image_grid(images, path, nrow, title, col_labels=None, row_labels=None):
-    """Save (nrow * ncol, C, H, W) images in [-1, 1], laid out row by row, as a labelled PNG."""
-    plt = pyplot()
+def save_image_grid(images, path, title, col_labels, row_labels=None):
+    """Save images (nrow * ncol, C, H, W) in [-1, 1], row by row, ncol = len(col_labels), as PNG."""
     n, c, h, w = images.shape
-    ncol = n // nrow
+    ncol = len(col_labels)
+    nrow = n // ncol
     x = F.pad((images.float().cpu().clamp(-1, 1) + 1) / 2, (1, 1, 1, 1), value=1.0)
     h, w = h + 2, w + 2  # with a one-pixel white frame
     x = x.view(nrow, ncol, c, h, w).permute(0, 3, 1, 4, 2).reshape(nrow * h, ncol * w, c)
-    fig, ax = plt.subplots(figsize=(1 + 0.8 * ncol, 0.8 + 0.8 * nrow))
+    fig = figure(figsize=(1 + 0.8 * ncol, 0.8 + 0.8 * nrow))
+    ax = fig.subplots()
     ax.imshow(x.squeeze(-1).numpy(), cmap="gray" if c == 1 else None, vmin=0, vmax=1)
-    ax.set_xticks([w * (i + 0.5) for i in range(ncol)] if col_labels else [])
-    ax.set_xticklabels(col_labels or [], rotation=45, ha="right", fontsize=8)
-    ax.set_yticks([h * (i + 0.5) for i in range(nrow)] if row_labels else [])
-    ax.set_yticklabels(row_labels or [], fontsize=8)
+    ax.set_xticks(
+        [w * (i + 0.5) for i in range(ncol)], col_labels, rotation=45, ha="right", fontsize=8
+    )
+    ax.set_yticks(
+        [h * (i + 0.5) for i in range(nrow)] if row_labels else [], row_labels or [], fontsize=8
+    )
     ax.set_title(title, fontsize=10)
     fig.savefig(path, dpi=150, bbox_inches="tight")
-    plt.close(fig)
 
 
 def save_loss_curve(losses, path, title):
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     ax.plot(losses, lw=0.5, alpha=0.4, label="per step")
     window = max(1, len(losses) // 50)
     smooth = torch.tensor(losses).unfold(0, window, 1).mean(1)
@@ -1182,35 +1081,37 @@ def save_loss_curve(losses, path, title):
     ax.set(xlabel="step", ylabel="loss", yscale="log", title=title)
     ax.legend()
     fig.savefig(path, dpi=150, bbox_inches="tight")
-    plt.close(fig)
 
 
 def benchmark(args, device):
     """--bench: the training step and CFG sampling of the configuration the flags select ("fast")
-    against the plain one (fp32, eager, NCHW), both built by setup() as a real run builds them,
-    on random data of the training shape; medians of three alternating rounds. The first
-    --bench-steps steps (the warm-up) also compare the losses, same weights and random draws."""
+    against the plain one (fp32, eager, NCHW), both built by setup() as a real run builds them, on
+    random data; medians of three alternating rounds. The first --bench-steps steps (the warm-up)
+    also compare the two variants' losses, from the same weights and random draws."""
     plain = argparse.Namespace(**{**vars(args), "dtype": "fp32", "compile": False,
                                   "channels_last": False})  # fmt: skip
     B, n, shape = args.batch_size, args.bench_samples, (1 if args.dataset == "mnist" else 3, 32, 32)
-    x0, y = torch.randn(B, *shape, device=device).clamp(-1, 1), torch.arange(B) % NUM_CLASSES
-    noise, labels = torch.randn(n, *shape, device=device), torch.arange(n) % NUM_CLASSES
-    runs, losses, times = {}, {}, {"fast": ([], []), "plain": ([], [])}
+    x0, noise = (
+        torch.randn(B, *shape, device=device).clamp(-1, 1),
+        torch.randn(n, *shape, device=device),
+    )
+    y, labels = (torch.arange(k, device=device) % NUM_CLASSES for k in (B, n))
+    runs, losses, times = {}, {}, {}
     for name, variant in (("fast", args), ("plain", plain)):
         run = runs[name] = setup(variant, device, total_steps=10**6)
-        run.flags, losses[name] = variant, []
-        run.train = partial(run.step, x0.contiguous(memory_format=run.memory_format), y.to(device))
-        emb = run.sampler.class_emb(labels.to(device))
+        run.train = partial(run.step, x0.contiguous(memory_format=run.memory_format), y, 0.999)
+        emb = run.sampler.class_emb(labels)
         run.sample_all = partial(run.sample, run.sampler, emb, noise, args.guidance_scale)
+        run.flags, losses[name], times[name] = variant, [], ([], [])
         for i in range(args.bench_steps):  # warm-up (compilation), the same draws in both
             torch.manual_seed(i)
-            losses[name].append(run.train(0.999).item())
+            losses[name].append(run.train().item())
         with run.ctx:
             run.sample_all()
     for _ in range(3):  # alternate, so that clock or thermal drift hits both variants alike
         for name, run in runs.items():
             precision(run.flags.dtype, device)  # TF32 on or off, as in that variant
-            times[name][0].append(timed(partial(run.train, 0.999), device, args.bench_steps))
+            times[name][0].append(timed(run.train, device, args.bench_steps))
             with run.ctx:
                 times[name][1].append(timed(run.sample_all, device))
     cuda = device.type == "cuda"
@@ -1219,15 +1120,12 @@ def benchmark(args, device):
           f"of {n} images x {args.sample_steps} DDIM steps\n"
           "variant  train ms/step  train img/s  sample s  sample img/s")  # fmt: skip
     (tf, sf), (tp, sp) = ([statistics.median(t) for t in times[k]] for k in ("fast", "plain"))
-    for name, step_s, sample_s in (("fast", tf, sf), ("plain", tp, sp)):
-        print(
-            f"{name:8} {1e3 * step_s:13.1f} {B / step_s:12.1f} {sample_s:9.3g} {n / sample_s:13.1f}"
-        )
+    for name, t, s in (("fast", tf, sf), ("plain", tp, sp)):
+        print(f"{name:8} {1e3 * t:13.1f} {B / t:12.1f} {s:9.3g} {n / s:13.1f}")
     gaps = [abs(f - p) / p for f, p in zip(losses["fast"], losses["plain"])]
     print(f"speed-up fast / plain: training {tp / tf:.2f}x, sampling {sp / sf:.2f}x\nloss, fast vs "
           f"plain, first {len(gaps)} steps: mean relative difference {statistics.mean(gaps):.2e}, "
           f"max {max(gaps):.2e}")  # fmt: skip
-    return times, losses
 
 
 def timed(fn, device, repeat=1):
