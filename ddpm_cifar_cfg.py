@@ -2,10 +2,10 @@
 Class-conditional DDPM on CIFAR-10 with classifier-free guidance (CFG), in one file.
 
 What it teaches: how a diffusion model is told *what* to draw. A U-Net predicts the noise in a
-noisy image x_t. The class label enters every residual block through adaptive GroupNorm (AdaGN).
-During training the label is replaced by a learned "null" class 15% of the time, so the same
-network also learns the unconditional model. At sampling time the two predictions are combined
-and pushed past the conditional one (CFG):  eps = eps_uncond + w * (eps_cond - eps_uncond).
+noisy image x_t; the class label enters every residual block through adaptive GroupNorm (AdaGN).
+Training replaces the label by a learned "null" class 15% of the time, so the same network also
+learns the unconditional model; sampling combines the two predictions and pushes past the
+conditional one (CFG):  eps = eps_uncond + w * (eps_cond - eps_uncond).
 
 Papers:
   DDPM           Ho, Jain & Abbeel 2020           https://arxiv.org/abs/2006.11239
@@ -29,20 +29,17 @@ Commands:
       --p-uncond 0.1 --ema-decay 0.999 --schedule linear --sample-every 1000 --sample-steps 25 \\
       --data-dir ../shared/mnist5k --device cpu                # laptop CPU: real digits, minutes
 
-Outputs (in --out-dir): ckpt.pt, loss.png, samples_epochNNN.png previews, the experiments
-class_grid.png, guidance_sweep.png, interpolation.png, ema_vs_raw.png; --eval adds classifier.pt,
-eval.csv (with per-class accuracy) and eval.png.
+Outputs (in --out-dir): ckpt.pt, loss.png, samples_epochNNN.png, the experiments class_grid.png,
+guidance_sweep.png, interpolation.png, ema_vs_raw.png; --eval: classifier.pt, eval.csv, eval.png.
 
-Measured (README.md has the tables): the laptop command above, on the 5k-digit MNIST subset and a
-2-core AMD EPYC CPU with torch 2.14.1, trains 2,520 steps in 517 s including the figures; `--eval`
-then reads 99.4% class accuracy at the default w = 4 with 0.87 of the real digits' within-class
-diversity (real test digits: 98.6%). GPU and CIFAR-10: not measured yet. The laptop recipe differs
-from the GPU defaults (CIFAR-10, ~20,000 steps): in 2,500 steps a 0.35M-parameter U-Net at a 25x
-higher lr, with short warm-up and EMA and the linear schedule, gets further than the slow, smooth
-25.6M default.
+Measured (README.md has the tables): the laptop command, on the 5k-digit MNIST subset and a 2-core
+AMD EPYC CPU with torch 2.14.1, trains 2,520 steps in 517 s with the figures; `--eval` then reads
+99.4% class accuracy at w = 4 with 0.87 of the real digits' diversity (real test digits: 98.6%).
+GPU and CIFAR-10: not measured yet. In 2,500 steps the small, fast-learning laptop recipe gets
+further than the slow, smooth 25.6M-parameter GPU defaults (meant for CIFAR-10, ~20,000 steps).
 
-Left out on purpose: FID evaluation, learned variances (Improved DDPM), v-prediction, EDM-style
-preconditioning, latent diffusion. Each would hide the lesson under machinery.
+Left out on purpose: FID, learned variances, v-prediction, EDM preconditioning, latent diffusion:
+each would hide the lesson under machinery.
 """
 
 import argparse
@@ -398,9 +395,8 @@ def load_dataset(name, data_dir, synthetic_size, seed, train=True):
 
 
 def epoch_batches(num_items, batch_size, epoch, seed, rank=0, world_size=1, device="cpu"):
-    """Index batches for one epoch: a fresh permutation per epoch, a function of seed and epoch
-    alone (so identical on every rank), split into one equal shard per rank (the last
-    num_items % world_size items are skipped). The last batch may be smaller."""
+    """Index batches of one epoch: a permutation made from seed and epoch only (the same on every
+    rank), one equal shard of it per rank (N % world_size left out). The last may be smaller."""
     g = torch.Generator().manual_seed(1_000_000 * seed + epoch)
     perm = torch.randperm(num_items, generator=g)
     perm = perm[: num_items - num_items % world_size][rank::world_size]
@@ -561,8 +557,9 @@ def evaluate(run, args, device):
     --eval-scales on the whole chain, and one per w > 1 guided only in --eval-interval. Every row
     starts from the same noise, so the rows differ only by the guidance."""
     load = partial(load_dataset, args.dataset, args.data_dir, args.synthetic_size, args.seed)
-    classifier = get_classifier(args, *load(train=True), device)
-    (images, labels), n, t0 = load(train=False), args.eval_per_class, time.time()
+    train_set, (images, labels) = load(train=True), load(train=False)
+    classifier = get_classifier(args, *train_set, device)
+    n, t0 = args.eval_per_class, time.time()
     real = torch.cat([(labels == c).nonzero()[:n, 0] for c in range(NUM_CLASSES)])
     scores = fidelity(classifier, images[real].float() / 127.5 - 1, labels[real], device)
     rows = [{"w": "real", "interval": None, "label": "real", **scores}]
@@ -599,9 +596,10 @@ def report_eval(rows, class_names, interval, out_dir):
     whole, inside = ([r for r in rows[1:] if r["interval"] == i] for i in (None, interval))
     guided = "in [{:g}, {:g}]".format(*interval)
     for part, style, name in ((whole, "o-", "whole chain"), (inside, "s--", guided)):
-        for ax, key in zip(axes, ("accuracy", "diversity") if part else ()):
-            ax.plot([r["w"] for r in part], [r[key] for r in part], style, label=name)
-            ax.axhline(rows[0][key], ls=":", c="k")
+        for ax, key in zip(axes, ("accuracy", "diversity")):
+            if part:
+                ax.plot([r["w"] for r in part], [r[key] for r in part], style, label=name)
+            ax.axhline(rows[0][key], ls=":", c="k")  # the real images
     for c, name in enumerate(class_names):
         axes[2].plot([r["w"] for r in whole], [r["per_class"][c] for r in whole], "o-", label=name)
     titles = ("classified as requested", "diversity (dotted: real images)", "accuracy per class")
@@ -642,8 +640,7 @@ def train_step(model, ema, optimizer, scaler, loss, ema_decay, grad_clip):
 
 def setup(args, device, total_steps):
     """Everything a run needs, built the same way for training, --sample-only, --eval and --bench:
-    the model (channels-last if asked), its EMA and their compiled copies, AdamW, the lr schedule,
-    the loss scaler, the autocast context, one training step and the sampler, settings bound."""
+    model and EMA (and compiled copies), AdamW, lr schedule, scaler, autocast, step, sampler."""
     dtype, ctx = precision(args.dtype, device)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     torch.manual_seed(args.seed)  # the same initial weights, and so the same EMA, on every rank
@@ -685,9 +682,8 @@ def main(argv=None):
     no_training = args.sample_only or args.eval
     ckpt_path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
     check_output_paths(args.out_dir, ckpt_path, writes_ckpt=not no_training)
-    ckpt = (
-        load_checkpoint(ckpt_path, args) if args.resume or no_training else None
-    )  # MODEL_ARGS too
+    # the checkpoint also sets the MODEL_ARGS flags: the architecture and the schedule
+    ckpt = load_checkpoint(ckpt_path, args) if args.resume or no_training else None
     if no_training:
         run = setup(args, device, total_steps=1)
         run.model.load_state_dict(ckpt["model"])
@@ -720,7 +716,7 @@ def main(argv=None):
         print(f"{params:.2f}M parameters, {device}, {run.dtype}, {world_size} process(es){resumed}")
 
     stop, batches, window, saved_step = False, None, [], step  # saved_step 0: nothing saved yet
-    stop_signal = StopSignal()
+    signals = StopSignal()
     bar = tqdm(total=max_steps, initial=step, disable=not master, leave=False, dynamic_ncols=True)
     t_log = time.perf_counter()
     try:
@@ -740,9 +736,7 @@ def main(argv=None):
                 continue
             # every --log-every steps one check: non-finite loss, Ctrl-C, all DDP ranks agreeing
             window = torch.stack(window).float()  # one device sync for the whole window
-            flags = torch.tensor(
-                [not window.isfinite().all(), stop_signal.requested], device=device
-            )
+            flags = torch.tensor([not window.isfinite().all(), signals.requested], device=device)
             if world_size > 1:
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # so that all ranks stop together
             nonfinite, stop = flags.tolist()
@@ -774,7 +768,7 @@ def main(argv=None):
                 save_image_grid(x, path, title, CLASS_NAMES[args.dataset])
             t_log = time.perf_counter()
     finally:
-        stop_signal.restore()
+        signals.restore()
         bar.close()
 
     if master:
@@ -831,11 +825,8 @@ class_pairs = checked(  # "3-5,0-8" -> [(3, 5), (0, 8)]
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog=f"{SCRIPT}.py",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Class-conditional DDPM with classifier-free guidance.",
-    )
+    fmt, description = argparse.ArgumentDefaultsHelpFormatter, __doc__.strip().split("\n")[0]
+    p = argparse.ArgumentParser(f"{SCRIPT}.py", description=description, formatter_class=fmt)
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, exit code 2
     # fmt: off
     add = p.add_argument_group("data").add_argument
@@ -856,16 +847,15 @@ def get_args(argv=None):
     add("--timesteps", type=positive_int, default=1000, help="diffusion steps T")
     add = p.add_argument_group("training").add_argument
     add("--epochs", type=positive_int, default=50, help="passes over the training set")
-    add("--max-steps", type=positive_int, default=None,
-        help="stop after this many optimizer steps in all; the lr schedule still spans --epochs")
+    add("--max-steps", type=positive_int, help="stop early; the lr schedule spans --epochs")
     add("--batch-size", type=positive_int, default=128, help="global batch, split over ranks")
     add("--lr", type=positive_float, default=2e-4, help="peak AdamW learning rate")
     add("--weight-decay", type=nonnegative_float, default=1e-4, help="AdamW decay")
     add("--warmup-steps", type=nonnegative_int, default=1000, help="steps of linear lr warm-up")
     add("--grad-clip", type=positive_float, default=1.0, help="max gradient norm")
-    add("--p-uncond", type=probability, default=0.15, help="share of labels dropped to null")
+    add("--p-uncond", type=probability, default=0.15, help="share of labels made null (CFG)")
     add("--ema-decay", type=probability, default=0.9999, help="EMA decay of the weights")
-    add("--log-every", type=positive_int, default=50, help="steps between log lines and checks")
+    add("--log-every", type=positive_int, default=50, help="steps between logs and checks")
     add("--save-every", type=positive_int, default=1, help="epochs between checkpoints")
     add("--sample-every", type=positive_int, default=5, help="epochs between preview grids")
     add("--resume", action="store_true", help="continue from --ckpt (default --out-dir/ckpt.pt)")
@@ -953,8 +943,8 @@ def precision(name, device):
     if name == "auto":
         name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-    torch.set_float32_matmul_precision("highest" if dtype == torch.float32 else "high")
     fp32 = dtype == torch.float32
+    torch.set_float32_matmul_precision("highest" if fp32 else "high")
     return dtype, contextlib.nullcontext() if fp32 else torch.autocast(device.type, dtype=dtype)
 
 
@@ -1023,8 +1013,7 @@ def save_checkpoint(state, path):
 
 
 def load_checkpoint(path, args):
-    """Load a checkpoint of this script and take the MODEL_ARGS flags from it (into args); a flag
-    given on the command line that contradicts it gets one line and exit code 2."""
+    """A checkpoint of this script; its MODEL_ARGS flags go into args (contradicting ones fail)."""
     if not os.path.isfile(path):
         fail(f"no checkpoint at {path}; train first, or point --ckpt at one")
     try:
@@ -1043,8 +1032,7 @@ def load_checkpoint(path, args):
 
 
 def figure(**kwargs):
-    """A matplotlib Figure that draws to files only (no pyplot, no display). matplotlib is
-    imported only when a figure is drawn, so importing the script stays fast."""
+    """A matplotlib Figure for files, no pyplot; imported here, so importing the script is fast."""
     from matplotlib.figure import Figure
 
     return Figure(**kwargs)
@@ -1053,20 +1041,16 @@ def figure(**kwargs):
 def save_image_grid(images, path, title, col_labels, row_labels=None):
     """Save images (nrow * ncol, C, H, W) in [-1, 1], row by row, ncol = len(col_labels), as PNG."""
     n, c, h, w = images.shape
-    ncol = len(col_labels)
-    nrow = n // ncol
+    ncol, nrow = len(col_labels), n // len(col_labels)
     x = F.pad((images.float().cpu().clamp(-1, 1) + 1) / 2, (1, 1, 1, 1), value=1.0)
     h, w = h + 2, w + 2  # with a one-pixel white frame
     x = x.view(nrow, ncol, c, h, w).permute(0, 3, 1, 4, 2).reshape(nrow * h, ncol * w, c)
     fig = figure(figsize=(1 + 0.8 * ncol, 0.8 + 0.8 * nrow))
     ax = fig.subplots()
     ax.imshow(x.squeeze(-1).numpy(), cmap="gray" if c == 1 else None, vmin=0, vmax=1)
-    ax.set_xticks(
-        [w * (i + 0.5) for i in range(ncol)], col_labels, rotation=45, ha="right", fontsize=8
-    )
-    ax.set_yticks(
-        [h * (i + 0.5) for i in range(nrow)] if row_labels else [], row_labels or [], fontsize=8
-    )
+    ax.set_xticks([w * (i + 0.5) for i in range(ncol)], col_labels, rotation=45, ha="right")
+    ax.set_yticks([h * (i + 0.5) for i in range(len(row_labels or []))], row_labels or [])
+    ax.tick_params(labelsize=8)
     ax.set_title(title, fontsize=10)
     fig.savefig(path, dpi=150, bbox_inches="tight")
 
@@ -1090,11 +1074,9 @@ def benchmark(args, device):
     also compare the two variants' losses, from the same weights and random draws."""
     plain = argparse.Namespace(**{**vars(args), "dtype": "fp32", "compile": False,
                                   "channels_last": False})  # fmt: skip
-    B, n, shape = args.batch_size, args.bench_samples, (1 if args.dataset == "mnist" else 3, 32, 32)
-    x0, noise = (
-        torch.randn(B, *shape, device=device).clamp(-1, 1),
-        torch.randn(n, *shape, device=device),
-    )
+    B, n, C = args.batch_size, args.bench_samples, 1 if args.dataset == "mnist" else 3
+    x0 = torch.randn(B, C, IMAGE_SIZE, IMAGE_SIZE, device=device).clamp(-1, 1)
+    noise = torch.randn(n, C, IMAGE_SIZE, IMAGE_SIZE, device=device)
     y, labels = (torch.arange(k, device=device) % NUM_CLASSES for k in (B, n))
     runs, losses, times = {}, {}, {}
     for name, variant in (("fast", args), ("plain", plain)):

@@ -419,7 +419,8 @@ def test_ddpm_interpolation_walks_from_one_class_to_the_other():
 def test_ddpm_fidelity_is_exact_for_an_oracle_and_chance_for_shuffled_labels():
     """The --eval numbers must mean something. Each image's brightness encodes its class and an
     oracle classifier reads it off: accuracy 1 and confidence ~1 for the true labels, chance for
-    shuffled ones; per-class accuracy 1 everywhere; diversity 0 for identical images."""
+    shuffled ones; per-class accuracy 1 everywhere; diversity 0 for identical images and the exact
+    mean distance over the pairs of distinct images otherwise."""
     y = torch.arange(10).repeat(30)  # (300,)
     x = (y.float() / 10).view(-1, 1, 1, 1).expand(-1, 3, 32, 32)  # class k: every pixel k / 10
 
@@ -432,6 +433,11 @@ def test_ddpm_fidelity_is_exact_for_an_oracle_and_chance_for_shuffled_labels():
     assert true["per_class"] == [1.0] * 10
     shuffled = y[torch.randperm(300, generator=torch.Generator().manual_seed(0))]
     assert ddpm.fidelity(oracle, x, shuffled, "cpu")["accuracy"] < 0.2
+    # each class: 15 images at k / 10 and 15 at k / 10 + 0.02, so 2 * 15 * 15 of its 30 * 29
+    # ordered pairs of distinct images lie 0.02 * sqrt(3 * 32 * 32) apart, the others 0
+    two_levels = x + 0.02 * (torch.arange(300) >= 150).view(-1, 1, 1, 1)
+    expected = 450 / 870 * 0.02 * math.sqrt(3 * 32 * 32)
+    assert ddpm.fidelity(oracle, two_levels, y, "cpu")["diversity"] == pytest.approx(expected, 1e-5)
 
 
 @pytest.mark.parametrize("name", ["ddpm_cifar_cfg", "flow_dit_mnist_cfg"])
