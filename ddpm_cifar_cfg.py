@@ -49,12 +49,10 @@ import csv
 import math
 import os
 import signal
-import statistics
 import sys
 import tempfile
 import time
 from functools import partial
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -583,14 +581,12 @@ def report_eval(rows, class_names, interval, out_dir):
     """The table on stdout and in eval.csv, with each class's accuracy, and eval.png: accuracy
     and diversity against w, and which classes guidance helps most."""
     header = ["w", "accuracy", "confidence", "diversity", *class_names]
-    print(f"{header[0]:>15}" + "".join(f"{h[:10]:>11}" for h in header[1:]))
+    table = [[r[k] for k in ("label", *header[1:4])] + r["per_class"] for r in rows]
     with open(os.path.join(out_dir, "eval.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        for r in rows:
-            values = [r["accuracy"], r["confidence"], r["diversity"], *r["per_class"]]
-            writer.writerow([r["label"], *values])
-            print(f"{r['label']:>15}" + "".join(f"{v:11.3f}" for v in values))
+        csv.writer(f).writerows([header, *table])
+    print(f"{header[0]:>15}" + "".join(f"{h[:10]:>11}" for h in header[1:]))
+    for label, *values in table:
+        print(f"{label:>15}" + "".join(f"{v:11.3f}" for v in values))
     fig = figure(figsize=(16, 4))
     axes = fig.subplots(1, 3)
     whole, inside = ([r for r in rows[1:] if r["interval"] == i] for i in (None, interval))
@@ -668,9 +664,9 @@ def setup(args, device, total_steps):
     sample = partial(ddim_sample, alphas_cumprod=alphas_cumprod, steps=args.sample_steps,
                      eta=args.eta, interval=args.guidance_interval)  # fmt: skip
     sampler = torch.compile(ema) if args.compile else ema  # the EMA, compiled separately
-    return SimpleNamespace(model=model, ema=ema, optimizer=optimizer, scheduler=scheduler,
-                           scaler=scaler, step=step, sampler=sampler, sample=sample, ctx=ctx,
-                           dtype=dtype, memory_format=fmt)  # fmt: skip
+    return argparse.Namespace(model=model, ema=ema, optimizer=optimizer, scheduler=scheduler,
+                              scaler=scaler, step=step, sampler=sampler, sample=sample, ctx=ctx,
+                              dtype=dtype, memory_format=fmt)  # fmt: skip
 
 
 def main(argv=None):
@@ -1101,12 +1097,12 @@ def benchmark(args, device):
     print(f"\n{SCRIPT} --bench on {hw}, torch {torch.__version__}: train batch {B}, CFG sampling "
           f"of {n} images x {args.sample_steps} DDIM steps\n"
           "variant  train ms/step  train img/s  sample s  sample img/s")  # fmt: skip
-    (tf, sf), (tp, sp) = ([statistics.median(t) for t in times[k]] for k in ("fast", "plain"))
+    (tf, sf), (tp, sp) = (torch.tensor(times[k]).median(1).values.tolist() for k in runs)
     for name, t, s in (("fast", tf, sf), ("plain", tp, sp)):
         print(f"{name:8} {1e3 * t:13.1f} {B / t:12.1f} {s:9.3g} {n / s:13.1f}")
     gaps = [abs(f - p) / p for f, p in zip(losses["fast"], losses["plain"])]
     print(f"speed-up fast / plain: training {tp / tf:.2f}x, sampling {sp / sf:.2f}x\nloss, fast vs "
-          f"plain, first {len(gaps)} steps: mean relative difference {statistics.mean(gaps):.2e}, "
+          f"plain, first {len(gaps)} steps: mean relative difference {sum(gaps) / len(gaps):.2e}, "
           f"max {max(gaps):.2e}")  # fmt: skip
 
 
