@@ -470,13 +470,9 @@ def run_experiments(raw, ema, sample, args):
 # that cannot recognise them could not grade generated ones.
 
 
-class Residual(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
+class Residual(nn.Sequential):
     def forward(self, x):
-        return x + self.fn(x)
+        return x + super().forward(x)
 
 
 def build_classifier(in_channels):
@@ -487,8 +483,8 @@ def build_classifier(in_channels):
                              nn.ReLU())  # fmt: skip
 
     return nn.Sequential(
-        conv_bn(in_channels, 32), Residual(conv_bn(32, 32)), nn.MaxPool2d(2),  # (B, 32, H/2, W/2)
-        conv_bn(32, 64), Residual(conv_bn(64, 64)), nn.MaxPool2d(2),  # (B, 64, H/4, W/4)
+        conv_bn(in_channels, 32), Residual(*conv_bn(32, 32)), nn.MaxPool2d(2),  # (B, 32, H/2, W/2)
+        conv_bn(32, 64), Residual(*conv_bn(64, 64)), nn.MaxPool2d(2),  # (B, 64, H/4, W/4)
         conv_bn(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # (B, 128)
         nn.Dropout(0.2), nn.Linear(128, NUM_CLASSES),  # (B, 10) logits
     )  # fmt: skip
