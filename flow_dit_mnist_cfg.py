@@ -45,11 +45,9 @@ at the default w = 4 guided only for t <= 0.7, 97.5% class accuracy with a withi
 diversity of 16.1 (real test digits: 98.9% and 18.0); guided over the whole path, w = 4 gives
 99.8% but diversity 14.1. GPU: not measured yet.
 
-Why the laptop recipe differs from the GPU defaults (full MNIST, tens of thousands of steps): in
-2,000 steps a smaller DiT with a 20x higher lr, a short warm-up and a short EMA gets further; a
-conv stem and head (--conv-channels) hide the 4x4 patch edges, class embeddings at std 1
-(--label-init-std) make the label count from the first step, and guiding only t <= 0.7
-(--guidance-interval) keeps the accuracy while restoring diversity. README.md says more.
+The laptop recipe differs from the GPU defaults (full MNIST, tens of thousands of steps) to get
+far in 2,000 steps: a smaller DiT, 20x the lr, a short warm-up and EMA, a conv stem and head, loud
+class embeddings and guidance only for t <= 0.7 (README.md, "On a laptop CPU", says why).
 
 Left out on purpose: latent space / VAE (28x28 pixels are cheap), FID (the classifier table
 measures what this lesson is about), learned sigma, timestep shifting, adaptive ODE solvers,
@@ -82,12 +80,10 @@ from tqdm import tqdm
 SCRIPT = "flow_dit_mnist_cfg"
 NUM_CLASSES = 10
 NULL_CLASS = NUM_CLASSES  # the learned "no label" row of the class embedding table
-IMAGE_SIZE = 28  # MNIST and the synthetic digits are both 1 x 28 x 28
-IN_CHANNELS = 1
+IMAGE_SIZE, IN_CHANNELS = 28, 1  # MNIST and the synthetic digits are both 1 x 28 x 28
 DIGITS = list("0123456789")  # class names in figures and the --eval table
 CFG_SCALES = (1, 2, 3, 4, 5, 7)  # guidance scales of the CFG-scale comparison figure
-# The flags that fix the network. A checkpoint stores them (as nanoGPT stores model_args):
-# --sample-only, --eval and --resume take them from it.
+# The flags that fix the network: checkpoints store them (nanoGPT's model_args) for --resume etc.
 MODEL_ARGS = "dataset width depth heads patch_size mlp_ratio cond_dim conv_channels".split()
 CHECKPOINT_PARTS = ("model", "ema", "optimizer", "scheduler", "scaler")  # with state_dict()s
 
@@ -562,8 +558,7 @@ def build_classifier(in_channels):
 
 
 def train_classifier(images, labels, epochs, seed, device, batch_size=128, lr=2e-3):
-    """AdamW with a one-cycle lr schedule on uint8 images (N, C, H, W); as augmentation every
-    image moves by up to 2 pixels."""
+    """AdamW, one-cycle lr, on uint8 images (N, C, H, W) shifted at random by up to 2 pixels."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # the initial weights and dropout masks
     classifier = build_classifier(images.shape[1]).to(device)
@@ -585,8 +580,7 @@ def train_classifier(images, labels, epochs, seed, device, batch_size=128, lr=2e
 
 
 def get_classifier(path, trained_from, images, labels, epochs, seed, device):
-    """The classifier cached at `path` if it was trained from exactly `trained_from` (dataset,
-    data folder, size, seed and epochs), else a new one, cached there."""
+    """The classifier cached at `path` if trained from exactly `trained_from`, else a new one."""
     with contextlib.suppress(Exception):  # missing, unreadable or stale: train a new one
         state = torch.load(path, map_location="cpu", weights_only=True)
         if state["trained_from"] == trained_from:
@@ -633,13 +627,11 @@ def evaluate(model, sample, classifier, test_set, scales, interval, per_class, s
     x_real, y_real = to_model_range(images[real]), labels[real]
     rows = [{"w": "real", "interval": None, **fidelity(classifier, x_real, y_real, device)}]
     y = torch.arange(NUM_CLASSES).repeat_interleave(per_class)  # (10 * per_class,)
-    noise = fixed_noise(len(y), seed, "cpu")
+    noise = fixed_noise(len(y), seed, device)
     for w, where in [(w, None) for w in scales] + [(w, interval) for w in scales if w > 1]:
-        samples = torch.cat([
-            sample(model, y_part.to(device), w, noise_part.to(device),
-                   interval=where or (0, 1)).cpu()
-            for y_part, noise_part in zip(y.split(500), noise.split(500))
-        ])  # fmt: skip
+        guided = partial(sample, model, w=w, interval=where or (0, 1))
+        parts = zip(y.to(device).split(500), noise.split(500))  # at most 500 images per pass
+        samples = torch.cat([guided(y=y_part, noise=z).cpu() for y_part, z in parts])
         rows.append({"w": w, "interval": where, **fidelity(classifier, samples, y, device)})
     return rows
 
@@ -701,9 +693,8 @@ def warmup_cosine(step, warmup_steps, total_steps):
 
 
 def setup(args, device, total_steps):
-    """Everything a run needs, built the same way for training, --sample-only, --eval and --bench:
-    the model, its EMA and their compiled copies, AdamW, the lr schedule, the loss scaler, the
-    autocast context, one training step and the sampler, its settings bound."""
+    """Everything a run needs, built alike for training, --sample-only, --eval and --bench: model,
+    EMA and their compiled copies, AdamW, lr schedule, loss scaler, one training step, sampler."""
     dtype, ctx = precision(args.dtype, device)
     torch.manual_seed(args.seed)  # the same initial weights, and so the same EMA, on every rank
     model = build_model(args).to(device)
@@ -721,8 +712,7 @@ def setup(args, device, total_steps):
         train_model = DistributedDataParallel(train_model)
 
     def step(x0, y, ema_decay):
-        """loss -> backward -> clip -> AdamW -> EMA. Returns the loss without syncing, so the GPU
-        can run ahead."""
+        """loss, backward, clip, AdamW, EMA; returns the loss unsynced, so the GPU runs ahead."""
         with ctx:
             loss = flow_loss(train_model, x0, y, args.p_uncond, args.t_sampling)
         optimizer.zero_grad(set_to_none=True)
@@ -868,8 +858,7 @@ def evaluate_checkpoint(run, args, device):
 
 
 def checked(convert, is_valid, expected):
-    """An argparse `type`: convert the text, then validate it, so that a bad value gets a one-line
-    error naming the flag, before any data or model is touched."""
+    """An argparse `type` that converts, then validates: one line naming the flag if bad."""
 
     def parse(text):
         with contextlib.suppress(ValueError):
@@ -932,8 +921,7 @@ def get_args(argv=None):
     add("--grad-clip", type=positive_float, default=1.0, help="max gradient norm")
     add("--p-uncond", type=probability, default=0.1, help="label dropout to the null class")
     add("--ema-decay", type=probability, default=0.9999, help="EMA decay of the sampling weights")
-    add("--log-every", type=positive_int, default=50,
-        help="steps between log lines and loss checks (Ctrl-C is honoured at these)")
+    add("--log-every", type=positive_int, default=50, help="steps between logs and loss checks")
     add("--save-every", type=positive_int, default=1, help="epochs between checkpoints")
     add("--sample-every", type=positive_int, default=5, help="epochs between preview grids")
     add("--resume", action="store_true", help="continue from --ckpt (default --out-dir/ckpt.pt)")
@@ -943,12 +931,10 @@ def get_args(argv=None):
     add("--sample-steps", type=positive_int, default=50, help="ODE steps from t=1 to t=0")
     add("--guidance-interval", type=interval_pair, default=(0.0, 1.0), metavar="LO,HI",
         help="guide only while t is in [LO, HI] (t = 1 is noise), conditional elsewhere")
-    add("--solver", choices=("euler", "heun"), default="euler",
-        help="ODE solver; Heun is 2nd order and costs two model calls per step")
+    add("--solver", choices=("euler", "heun"), default="euler", help="heun: 2nd order, 2x the cost")
     add("--digit", type=int, choices=range(NUM_CLASSES), default=7, metavar="0..9",
         help="digit shown in the CFG-scale comparison")
-    add("--grid-rows", type=positive_int, default=8,
-        help="samples per digit in class_grid.png and per w in cfg_scales.png")
+    add("--grid-rows", type=positive_int, default=8, help="samples per row of the grids")
     add("--sample-only", action="store_true", help="no training: the figures from --ckpt")
     add("--ckpt", default=None, help="checkpoint to read and write (default --out-dir/ckpt.pt)")
     add = p.add_argument_group("evaluation").add_argument
@@ -957,8 +943,7 @@ def get_args(argv=None):
     add("--eval-scales", type=float_list, default=(0, 1, 2, 3, 4, 6), help="w scored by --eval")
     add("--eval-interval", type=interval_pair, default=(0.0, 0.7), metavar="LO,HI",
         help="guidance interval of the table's extra rows (one per w > 1)")
-    add("--classifier-epochs", type=positive_int, default=10,
-        help="epochs of the eval classifier (cached in --out-dir/classifier.pt)")
+    add("--classifier-epochs", type=positive_int, default=10, help="epochs of the eval classifier")
     add = p.add_argument_group("system").add_argument
     add("--out-dir", default="out/flow_dit_mnist", help="checkpoint, figures and eval table")
     add("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"), help="cuda > mps > cpu")
@@ -980,10 +965,8 @@ def get_args(argv=None):
         p.error(f"--batch-size {args.batch_size} is not divisible by the {world_size} ranks")
     if IMAGE_SIZE % args.patch_size:
         p.error(f"--patch-size {args.patch_size} must divide the image size {IMAGE_SIZE}")
-    if args.width % args.heads:
-        p.error(f"--width {args.width} must be divisible by --heads {args.heads}")
-    if args.width % 4:
-        p.error(f"--width {args.width} must be divisible by 4 (2-D sin-cos embedding)")
+    if args.width % args.heads or args.width % 4:  # 4: the 2-D sin-cos position embedding
+        p.error(f"--width {args.width} must be divisible by --heads {args.heads} and by 4")
     if args.eval_per_class < 2:
         p.error("--eval-per-class must be at least 2 (diversity is a pairwise distance)")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -1020,8 +1003,7 @@ def precision(name, device):
 
 
 def setup_distributed(device_name):
-    """DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python` is one process.
-    Returns (rank, world_size, device); device "auto" picks cuda > mps > cpu."""
+    """(rank, world_size, device): DDP if torchrun set RANK, else one process. cuda > mps > cpu."""
     if device_name == "auto":
         mps = torch.backends.mps.is_available()
         device_name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
@@ -1042,8 +1024,7 @@ def seed_step(seed, rank, step):
 
 
 def check_window(window, stop_requested, world_size):
-    """The last losses on the CPU (one device sync), and the flags (non-finite loss, stop
-    requested) as all ranks agree on them, so that they stop together."""
+    """The window's losses on the CPU (one sync), and (non-finite, stop) agreed by all ranks."""
     losses = torch.stack(window).float()
     flags = torch.tensor([not losses.isfinite().all(), stop_requested], device=losses.device)
     if world_size > 1:
@@ -1053,8 +1034,8 @@ def check_window(window, stop_requested, world_size):
 
 
 class StopSignal:
-    """Ctrl-C (SIGINT) or SIGTERM (torchrun, schedulers) sets a flag, so the training loop can save
-    a checkpoint and exit cleanly at its next check. A second Ctrl-C aborts at once."""
+    """Ctrl-C or SIGTERM sets `requested`: training saves and exits at its next check. A second
+    Ctrl-C aborts at once."""
 
     def __init__(self):
         self.requested = False
@@ -1095,8 +1076,7 @@ def save_checkpoint(state, path):
 
 
 def load_checkpoint(path, args):
-    """Load a checkpoint of this script and take the MODEL_ARGS flags from it (into args); a flag
-    given on the command line that contradicts it gets one line and exit code 2."""
+    """This script's checkpoint, its MODEL_ARGS copied into args; a contradicting flag: exit 2."""
     if not os.path.isfile(path):
         fail(f"no checkpoint at {path}; train first, or point --ckpt at one")
     try:
