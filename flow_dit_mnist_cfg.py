@@ -460,15 +460,13 @@ def epoch_batches(num_items, batch_size, epoch, seed, rank=0, world_size=1, devi
 # that only the quantity being studied changes.
 
 
-def fixed_noise(n, seed, device):
-    g = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same numbers on any device
-    return torch.randn(n, IN_CHANNELS, IMAGE_SIZE, IMAGE_SIZE, generator=g).to(device)
-
-
 def sample_rows(model, sample, y, scales, seed):
-    """Samples of the classes y (B,) at each guidance scale w in turn, all from the same noise."""
-    noise = fixed_noise(len(y), seed, y.device)
-    return torch.cat([sample(model, y, w, noise) for w in scales])  # (len(scales) * B, C, H, W)
+    """Samples (len(scales) * B, C, H, W) of the classes y (B,) at each guidance scale w in turn,
+    every w from the same noise; at most 500 images per pass."""
+    g = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same numbers on any device
+    noise = torch.randn(len(y), IN_CHANNELS, IMAGE_SIZE, IMAGE_SIZE, generator=g).to(y.device)
+    parts = list(zip(y.split(500), noise.split(500)))
+    return torch.cat([sample(model, y_part, w, z) for w in scales for y_part, z in parts])
 
 
 def plot_class_grid(model, sample, path, w, seed, per_class=8):
@@ -627,11 +625,9 @@ def evaluate(model, sample, classifier, test_set, scales, interval, per_class, s
     x_real, y_real = to_model_range(images[real]), labels[real]
     rows = [{"w": "real", "interval": None, **fidelity(classifier, x_real, y_real, device)}]
     y = torch.arange(NUM_CLASSES).repeat_interleave(per_class)  # (10 * per_class,)
-    noise = fixed_noise(len(y), seed, device)
     for w, where in [(w, None) for w in scales] + [(w, interval) for w in scales if w > 1]:
-        guided = partial(sample, model, w=w, interval=where or (0, 1))
-        parts = zip(y.to(device).split(500), noise.split(500))  # at most 500 images per pass
-        samples = torch.cat([guided(y=y_part, noise=z).cpu() for y_part, z in parts])
+        guided = partial(sample, interval=where or (0, 1))
+        samples = sample_rows(model, guided, y.to(device), [w], seed).cpu()
         rows.append({"w": w, "interval": where, **fidelity(classifier, samples, y, device)})
     return rows
 
@@ -732,7 +728,7 @@ def setup(args, device, total_steps):
 
     sampler = torch.compile(ema) if args.compile else ema  # the EMA, compiled separately
     return SimpleNamespace(model=model, ema=ema, optimizer=optimizer, scheduler=scheduler,
-                           scaler=scaler, step=step, sampler=sampler, sample=sample, ctx=ctx,
+                           scaler=scaler, step=step, sampler=sampler, sample=sample,
                            dtype=dtype)  # fmt: skip
 
 
@@ -776,13 +772,6 @@ def main(argv=None):
         print(f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters, {device}, "
               f"{run.dtype}, {world_size} process(es){resumed}")  # fmt: skip
 
-    def save():
-        if master:
-            parts = {k: getattr(run, k).state_dict() for k in CHECKPOINT_PARTS}
-            model_args = {key: getattr(args, key) for key in MODEL_ARGS}
-            save_checkpoint({"script": SCRIPT, "args": vars(args), "model_args": model_args,
-                             "step": step, "losses": losses, **parts}, ckpt_path)  # fmt: skip
-
     batches, window, stop, stop_signal = None, [], False, StopSignal()
     bar = tqdm(total=max_steps, initial=step, disable=not master, leave=False, dynamic_ncols=True)
     t_log = time.perf_counter()
@@ -815,7 +804,11 @@ def main(argv=None):
                            f"{run.scheduler.get_last_lr()[0]:.2e} | {1e3 * dt:6.1f} ms/step | "
                            f"{args.batch_size / dt:6.0f} img/s")  # fmt: skip
             if stop or step == max_steps or (epoch_end and (epoch + 1) % args.save_every == 0):
-                save()
+                if master:
+                    state = {k: getattr(run, k).state_dict() for k in CHECKPOINT_PARTS}
+                    state["model_args"] = {key: getattr(args, key) for key in MODEL_ARGS}
+                    state.update(script=SCRIPT, args=vars(args), step=step, losses=losses)
+                    save_checkpoint(state, ckpt_path)
                 saved_step = step
             if master and epoch_end and (epoch + 1) % args.sample_every == 0:
                 path = f"{args.out_dir}/samples_epoch{epoch + 1:03d}.png"
@@ -884,11 +877,9 @@ interval_pair = checked(floats, lambda v: len(v) == 2 and 0 <= v[0] < v[1] <= 1,
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog=f"{SCRIPT}.py",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Class-conditional flow matching with a DiT on MNIST, with CFG.",
-    )
+    p = argparse.ArgumentParser(f"{SCRIPT}.py")
+    p.description = "Class-conditional flow matching with a DiT on MNIST, with CFG."
+    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter  # --help shows every default
     p.error = fail  # one line instead of the whole usage block, exit code 2
     # fmt: off
     add = p.add_argument_group("data").add_argument
@@ -1100,26 +1091,24 @@ def save_image_grid(images, path, title, row_labels, col_labels=None):
     x = F.pad((images.float().cpu().clamp(-1, 1) + 1) / 2, (1, 1, 1, 1), value=1.0)
     h, w = h + 2, w + 2  # with a one-pixel white frame
     x = x.view(nrow, ncol, c, h, w).permute(0, 3, 1, 4, 2).reshape(nrow * h, ncol * w, c)
-    fig = Figure(figsize=(1 + 0.8 * ncol, 0.8 + 0.8 * nrow))
-    ax = fig.subplots()
+    ax = Figure(figsize=(1 + 0.8 * ncol, 0.8 + 0.8 * nrow)).subplots()
     ax.imshow(x.squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1)
     ax.set_xticks([w * (i + 0.5) for i in range(ncol)] if col_labels else [], col_labels or [])
     ax.set_yticks([h * (i + 0.5) for i in range(nrow)], row_labels)
     ax.tick_params(labelsize=8)
     ax.set_title(title, fontsize=10)
-    fig.savefig(path, dpi=150, bbox_inches="tight")
+    ax.figure.savefig(path, dpi=150, bbox_inches="tight")
 
 
 def save_loss_curve(losses, path):
-    fig = Figure(figsize=(6, 3.5))
-    ax = fig.subplots()
+    ax = Figure(figsize=(6, 3.5)).subplots()
     ax.plot(losses, lw=0.5, alpha=0.4, label="per step")
     window = max(1, len(losses) // 50)
     smooth = torch.tensor(losses).unfold(0, window, 1).mean(1)
     ax.plot(range(window - 1, len(losses)), smooth, label=f"mean of {window} steps")
     ax.set(xlabel="step", ylabel="loss", yscale="log", title="Flow matching loss (MSE)")
     ax.legend()
-    fig.savefig(path, dpi=150, bbox_inches="tight")
+    ax.figure.savefig(path, dpi=150, bbox_inches="tight")
 
 
 def benchmark(args, device):
