@@ -494,7 +494,7 @@ def plot_class_embeddings(model, path):
     ax1.set_xticks(ticks, names)
     ax1.set_yticks(ticks, names)
     ax2.scatter(pcs[:, 0], pcs[:, 1], c=["C0"] * NUM_CLASSES + ["C3"])
-    for (px, py), name in zip(pcs, names):
+    for (px, py), name in zip(pcs, names, strict=True):
         ax2.annotate(name, (px, py), textcoords="offset points", xytext=(4, 4))
     explained = (s[:2] ** 2).sum() / (s**2).sum()
     ax2.set(title=f"PCA of class embeddings ({explained:.0%} of variance)", xlabel="PC 1",
