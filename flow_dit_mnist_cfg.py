@@ -651,6 +651,8 @@ def report_eval(rows, out_dir):
     axes = fig.subplots(1, 3)
     full = [r for r in rows[1:] if r["interval"] is None]
     for part, style in ((full, "o-"), ([r for r in rows if r["interval"]], "s--")):
+        if not part:  # no w > 1 in --eval-scales: no rows guided only in the interval
+            continue
         name = "whole path" if part is full else labels[rows.index(part[0])].split(" ", 1)[1]
         for ax, key in zip(axes, ("accuracy", "diversity")):
             ax.plot([r["w"] for r in part], [r[key] for r in part], style, label=name)
