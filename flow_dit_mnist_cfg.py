@@ -45,15 +45,9 @@ at the default w = 4 guided only for t <= 0.7, 97.5% class accuracy with a withi
 diversity of 16.1 (real test digits: 98.9% and 18.0); guided over the whole path, w = 4 gives
 99.8% but diversity 14.1. GPU: not measured yet.
 
-Why the laptop recipe differs from the GPU defaults, which are meant for full MNIST and tens of
-thousands of steps: in 2,000 steps a smaller DiT (1.85M parameters) with a 20x higher peak lr,
-100 warm-up steps and a short EMA (0.999, about the last 1,000 steps) gets further than the big
-model with its slow, smooth settings; a small convolutional stem and head (--conv-channels)
-remove the 4x4 patch edges a small DiT would take long to learn away; class embeddings
-initialised at std 1 instead of 0.02 (--label-init-std) make the label as loud as the time from
-the first step, so the network learns *which* digit early instead of last; and guidance only for
-t <= 0.7 (--guidance-interval) keeps the accuracy while it restores the diversity that guiding
-the noisiest part of the path takes away.
+The laptop recipe differs from the GPU defaults (full MNIST, tens of thousands of steps) to get
+far in 2,000 steps: a smaller DiT, 20x the lr, a short warm-up and EMA, a conv stem and head, loud
+class embeddings and guidance only for t <= 0.7 (README.md, "On a laptop CPU", says why).
 
 Left out on purpose: latent space / VAE (28x28 pixels are cheap), FID (the classifier table
 measures what this lesson is about), learned sigma, timestep shifting, adaptive ODE solvers,
@@ -66,7 +60,6 @@ import copy
 import csv
 import math
 import os
-import pickle
 import signal
 import statistics
 import sys
@@ -79,6 +72,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -86,11 +80,10 @@ from tqdm import tqdm
 SCRIPT = "flow_dit_mnist_cfg"
 NUM_CLASSES = 10
 NULL_CLASS = NUM_CLASSES  # the learned "no label" row of the class embedding table
-IMAGE_SIZE = 28  # MNIST and the synthetic digits are both 1 x 28 x 28
-IN_CHANNELS = 1
+IMAGE_SIZE, IN_CHANNELS = 28, 1  # MNIST and the synthetic digits are both 1 x 28 x 28
+DIGITS = list("0123456789")  # class names in figures and the --eval table
 CFG_SCALES = (1, 2, 3, 4, 5, 7)  # guidance scales of the CFG-scale comparison figure
-# The flags that fix the network. A checkpoint stores them (as nanoGPT stores model_args):
-# --sample-only, --eval and --resume take them from it.
+# The flags that fix the network: checkpoints store them (nanoGPT's model_args) for --resume etc.
 MODEL_ARGS = "dataset width depth heads patch_size mlp_ratio cond_dim conv_channels".split()
 CHECKPOINT_PARTS = ("model", "ema", "optimizer", "scheduler", "scaler")  # with state_dict()s
 
@@ -169,8 +162,7 @@ def sample_ode(velocity_fn, x1, steps, solver="euler"):
 def generate(model, y, w, noise, steps, solver="euler", interval=(0.0, 1.0)):
     """Images in [-1, 1] of the classes y (B,) at guidance scale w, from noise (B, C, H, W).
     Guidance interval (Kynkaanniemi et al. 2024): guide only while t lies in `interval` and use
-    the conditional velocity (w = 1) elsewhere; (0, 1) guides the whole path. Callers run it under
-    the autocast context."""
+    the conditional velocity (w = 1) elsewhere; (0, 1) guides the whole path."""
 
     def velocity(x, t):
         w_t = w if interval[0] <= t <= interval[1] else 1.0
@@ -311,7 +303,6 @@ class DiT(nn.Module):
     ):
         super().__init__()
         self.patch_size = patch_size
-        self.in_channels = in_channels
         self.grid_size = image_size // patch_size
         # Optional pixel-level 3x3 convs around the transformer (U-ViT ends with one): the stem
         # lets each token see a pixel beyond its patch, the head mixes neighbouring patches'
@@ -347,18 +338,15 @@ class DiT(nn.Module):
         nn.init.zeros_(self.x_embedder.bias)
         # Embeddings of t and y: small normal weights, as in DiT.
         nn.init.normal_(self.y_embedder.table.weight, std=label_init_std)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            # adaLN-Zero: shift = scale = gate = 0, so each block starts as the identity map.
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        # Final layer: zero modulation ...
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        # ... and zero output, so the untrained model predicts v = 0 everywhere.
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        for linear in self.t_embedder.mlp[::2]:
+            nn.init.normal_(linear.weight, std=0.02)
+        # adaLN-Zero: shift = scale = gate = 0, so each block starts as the identity map; the
+        # final layer's modulation and output are zero too, so the untrained model predicts v = 0.
+        zero = [block.adaLN_modulation[-1] for block in self.blocks]
+        zero += [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        for layer in zero:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
         if isinstance(self.head, nn.Sequential):  # the head conv: zero bias, so still v = 0
             nn.init.zeros_(self.head[-1].bias)
 
@@ -438,21 +426,15 @@ def load_dataset(name, data_dir, synthetic_size, seed, train=True):
     """The whole training (or test) set as (uint8 images (N, 1, 28, 28), int64 labels (N,)). The
     synthetic test set is a fifth as large, drawn with another seed."""
     if name == "synthetic":
-        return (
-            make_synthetic(synthetic_size, seed)
-            if train
-            else make_synthetic(max(100, synthetic_size // 5), seed + 1)
-        )
+        n = synthetic_size if train else max(100, synthetic_size // 5)
+        return make_synthetic(n, seed if train else seed + 1)
     import torchvision
 
     try:
         ds = torchvision.datasets.MNIST(data_dir, train=train, download=True)
     except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), corrupt archive
-        fail(
-            f"could not load mnist into {data_dir!r} ({type(e).__name__}); put the data there "
-            "and pass --data-dir, or run offline with --dataset synthetic",
-            code=1,
-        )
+        hint = "put the data there and pass --data-dir, or run offline with --dataset synthetic"
+        fail(f"could not load mnist into {data_dir!r} ({type(e).__name__}); {hint}", code=1)
     return ds.data[:, None].contiguous(), torch.as_tensor(ds.targets)  # (60000, 1, 28, 28)
 
 
@@ -462,10 +444,9 @@ def to_model_range(images):
 
 
 def epoch_batches(num_items, batch_size, epoch, seed, rank=0, world_size=1, device="cpu"):
-    """Index batches for one epoch: a fresh permutation per epoch, identical on every rank (it
-    depends only on seed and epoch), split into equal shards, one per rank. Single process: every
-    index once; with N ranks the last N % world_size items of the permutation are skipped so that
-    every rank takes the same number of steps. The last batch may be smaller."""
+    """Index batches for one epoch: a permutation that depends only on seed and epoch (the same on
+    every rank), cut into one equal shard per rank (the last N % world_size items are skipped, so
+    every rank takes the same number of steps). The last batch may be smaller."""
     g = torch.Generator().manual_seed(1_000_000 * seed + epoch)
     perm = torch.randperm(num_items, generator=g)
     perm = perm[: num_items - num_items % world_size][rank::world_size]
@@ -474,85 +455,71 @@ def epoch_batches(num_items, batch_size, epoch, seed, rank=0, world_size=1, devi
 
 # -----------------------------------------------------------------------------
 # Experiments
-# Each takes the model and `sample`, generate() with its settings bound (functools.partial: steps,
-# solver, guidance interval), so it runs from any checkpoint. Every figure reuses fixed noise so
+# Each takes the model and `sample`: generate() with the run's steps, solver, guidance interval
+# and autocast bound (setup()), so it runs from any checkpoint. Every figure reuses fixed noise so
 # that only the quantity being studied changes.
 
 
-def fixed_noise(n, seed, device):
+def sample_rows(model, sample, y, scales, seed):
+    """Samples (len(scales) * B, C, H, W) of the classes y (B,) at each guidance scale w in turn,
+    every w from the same noise; at most 500 images per pass."""
     g = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same numbers on any device
-    return torch.randn(n, IN_CHANNELS, IMAGE_SIZE, IMAGE_SIZE, generator=g).to(device)
+    noise = torch.randn(len(y), IN_CHANNELS, IMAGE_SIZE, IMAGE_SIZE, generator=g).to(y.device)
+    parts = list(zip(y.split(500), noise.split(500)))
+    return torch.cat([sample(model, y_part, w, z) for w in scales for y_part, z in parts])
 
 
 def plot_class_grid(model, sample, path, w, seed, per_class=8):
     """10 rows (digits 0..9) x per_class guided samples."""
-    device = next(model.parameters()).device
-    y = torch.arange(NUM_CLASSES, device=device).repeat_interleave(per_class)  # (10 * n,)
-    images = sample(model, y, w, fixed_noise(len(y), seed, device))
-    title = f"One row per digit (CFG w={w:g})"
-    save_image_grid(images, path, NUM_CLASSES, title, row_labels=list("0123456789"))
-
-
-def plot_cfg_scales(model, sample, path, digit, seed, n=8, scales=CFG_SCALES):
-    """The same n noise images steered to `digit`, one row per guidance scale w."""
-    device = next(model.parameters()).device
-    noise, y = fixed_noise(n, seed, device), torch.full((n,), digit, device=device)
-    images = torch.cat([sample(model, y, w, noise) for w in scales])
-    title = f"Digit {digit} at growing guidance scale w (same noise in every row)"
-    save_image_grid(images, path, len(scales), title, row_labels=[f"w={w:g}" for w in scales])
-
-
-def plot_uncond_cond_cfg(model, sample, path, w, seed):
-    """Columns: requested digit 0..9, each from its own fixed noise. Rows: unconditional (w=0,
-    the label is ignored), conditional (w=1) and guided (w)."""
-    device = next(model.parameters()).device
-    noise, y = fixed_noise(NUM_CLASSES, seed, device), torch.arange(NUM_CLASSES, device=device)
-    scales = {"uncond w=0": 0.0, "cond w=1": 1.0, f"CFG w={w:g}": w}
-    images = torch.cat([sample(model, y, s, noise) for s in scales.values()])
-    save_image_grid(images, path, len(scales), "Unconditional vs conditional vs CFG, same noise",
-                    col_labels=list("0123456789"), row_labels=list(scales))  # fmt: skip
+    y = torch.arange(NUM_CLASSES, device=next(model.parameters()).device)
+    images = sample_rows(model, sample, y.repeat_interleave(per_class), [w], seed)
+    save_image_grid(images, path, f"One row per digit (CFG w={w:g})", DIGITS)
 
 
 def plot_class_embeddings(model, path):
     """The learned class table, null row included: the raw matrix, the correlation between rows,
     and a 2-D PCA of the rows (the null row in red)."""
-    plt = pyplot()
     emb = model.y_embedder.table.weight.detach().float().cpu().numpy()  # (11, cond_dim)
-    names = [*"0123456789", "null"]
-    corr = np.corrcoef(emb)  # (11, 11)
+    names, ticks = [*DIGITS, "null"], range(NUM_CLASSES + 1)
     centred = emb - emb.mean(axis=0)
     _, s, vt = np.linalg.svd(centred, full_matrices=False)
-    pcs = centred @ vt[:2].T  # (11, 2)
-    explained = (s[:2] ** 2).sum() / (s**2).sum()
-
-    fig, (ax0, ax1, ax2) = plt.subplots(1, 3, figsize=(17, 4.5), layout="constrained")
-    im = ax0.imshow(emb, aspect="auto", cmap="coolwarm", interpolation="nearest")
-    ax0.set_yticks(range(len(names)), names)
+    pcs = centred @ vt[:2].T  # (11, 2) coordinates along the first two principal axes
+    fig = Figure(figsize=(17, 4.5), layout="constrained")
+    ax0, ax1, ax2 = fig.subplots(1, 3)
+    fig.colorbar(ax0.imshow(emb, aspect="auto", cmap="coolwarm", interpolation="nearest"), ax=ax0)
     ax0.set(title="Class embedding matrix (rows: labels)", xlabel="dimension")
-    fig.colorbar(im, ax=ax0)
-    im = ax1.imshow(corr, cmap="coolwarm", vmin=-1, vmax=1)
-    ax1.set_xticks(range(len(names)), names)
-    ax1.set_yticks(range(len(names)), names)
+    ax0.set_yticks(ticks, names)
+    fig.colorbar(ax1.imshow(np.corrcoef(emb), cmap="coolwarm", vmin=-1, vmax=1), ax=ax1)
     ax1.set_title("Correlation between class embeddings")
-    fig.colorbar(im, ax=ax1)
+    ax1.set_xticks(ticks, names)
+    ax1.set_yticks(ticks, names)
     ax2.scatter(pcs[:, 0], pcs[:, 1], c=["C0"] * NUM_CLASSES + ["C3"])
     for (px, py), name in zip(pcs, names, strict=True):
         ax2.annotate(name, (px, py), textcoords="offset points", xytext=(4, 4))
+    explained = (s[:2] ** 2).sum() / (s**2).sum()
     ax2.set(title=f"PCA of class embeddings ({explained:.0%} of variance)", xlabel="PC 1",
             ylabel="PC 2")  # fmt: skip
     fig.savefig(path, dpi=150, bbox_inches="tight")
-    plt.close(fig)
 
 
 def run_experiments(ema, sample, losses, args):
     """All figures of the lesson from a trained (EMA) model, no training needed."""
     out, w, n, seed = args.out_dir, args.guidance_scale, args.grid_rows, args.seed
     plot_class_grid(ema, sample, f"{out}/class_grid.png", w, seed, n)
-    plot_cfg_scales(ema, sample, f"{out}/cfg_scales.png", args.digit, seed, n)
-    plot_uncond_cond_cfg(ema, sample, f"{out}/uncond_cond_cfg.png", w, seed)
+    # cfg_scales.png: the same n noise images steered to --digit, one row per guidance scale w
+    digits = torch.arange(NUM_CLASSES, device=next(ema.parameters()).device)
+    images = sample_rows(ema, sample, digits[args.digit].repeat(n), CFG_SCALES, seed)
+    title = f"Digit {args.digit} at growing guidance scale w (same noise in every row)"
+    save_image_grid(images, f"{out}/cfg_scales.png", title, [f"w={s:g}" for s in CFG_SCALES])
+    # uncond_cond_cfg.png: a column per digit, each from its own noise; rows: unconditional (w=0,
+    # the label is ignored), conditional (w=1) and guided (w)
+    rows = {"uncond w=0": 0.0, "cond w=1": 1.0, f"CFG w={w:g}": w}
+    images = sample_rows(ema, sample, digits, rows.values(), seed)
+    title = "Unconditional vs conditional vs CFG, same noise"
+    save_image_grid(images, f"{out}/uncond_cond_cfg.png", title, list(rows), DIGITS)
     plot_class_embeddings(ema, f"{out}/class_embeddings.png")
     if losses:
-        save_loss_curve(losses, f"{out}/loss.png", "Flow matching loss (MSE)")
+        save_loss_curve(losses, f"{out}/loss.png")
     print(f"figures written to {out}")
 
 
@@ -589,8 +556,7 @@ def build_classifier(in_channels):
 
 
 def train_classifier(images, labels, epochs, seed, device, batch_size=128, lr=2e-3):
-    """AdamW with a one-cycle lr schedule on uint8 images (N, C, H, W); as augmentation every
-    image moves by up to 2 pixels."""
+    """AdamW, one-cycle lr, on uint8 images (N, C, H, W) shifted at random by up to 2 pixels."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # the initial weights and dropout masks
     classifier = build_classifier(images.shape[1]).to(device)
@@ -612,16 +578,13 @@ def train_classifier(images, labels, epochs, seed, device, batch_size=128, lr=2e
 
 
 def get_classifier(path, trained_from, images, labels, epochs, seed, device):
-    """The classifier cached at `path` if it was trained from exactly `trained_from` (dataset,
-    data folder, size, seed and epochs), else a new one, cached there."""
-    try:
+    """The classifier cached at `path` if trained from exactly `trained_from`, else a new one."""
+    with contextlib.suppress(Exception):  # missing, unreadable or stale: train a new one
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
-        state = None  # missing or unreadable: train a new one
-    if isinstance(state, dict) and state.get("trained_from") == trained_from:
-        classifier = build_classifier(images.shape[1]).to(device)
-        classifier.load_state_dict(state["model"])
-        return classifier.eval()
+        if state["trained_from"] == trained_from:
+            classifier = build_classifier(images.shape[1]).to(device)
+            classifier.load_state_dict(state["model"])
+            return classifier.eval()
     t0 = time.time()
     classifier = train_classifier(images, labels, epochs, seed, device)
     save_checkpoint({"trained_from": trained_from, "model": classifier.state_dict()}, path)
@@ -640,9 +603,8 @@ def fidelity(classifier, images, labels, device):
     """accuracy: fraction classified as the requested class; confidence: mean probability of the
     requested class; diversity: mean pairwise distance within a class, averaged over classes;
     per_class: the accuracy of each class. images (N, C, H, W) in [-1, 1], on the CPU."""
-    probs = torch.cat(
-        [classifier(x.to(device)).float().softmax(-1).cpu() for x in images.split(500)]
-    )
+    logits = torch.cat([classifier(x.to(device)).float().cpu() for x in images.split(500)])
+    probs = logits.softmax(-1)  # (N, 10)
     hit = (probs.argmax(1) == labels).float()  # (N,)
     classes = [c for c in range(NUM_CLASSES) if (labels == c).sum() >= 2]
     return {
@@ -663,24 +625,20 @@ def evaluate(model, sample, classifier, test_set, scales, interval, per_class, s
     x_real, y_real = to_model_range(images[real]), labels[real]
     rows = [{"w": "real", "interval": None, **fidelity(classifier, x_real, y_real, device)}]
     y = torch.arange(NUM_CLASSES).repeat_interleave(per_class)  # (10 * per_class,)
-    noise = fixed_noise(len(y), seed, "cpu")
     for w, where in [(w, None) for w in scales] + [(w, interval) for w in scales if w > 1]:
-        samples = torch.cat([
-            sample(model, y_part.to(device), w, noise_part.to(device),
-                   interval=where or (0, 1)).cpu()
-            for y_part, noise_part in zip(y.split(500), noise.split(500))
-        ])  # fmt: skip
+        guided = partial(sample, interval=where or (0, 1))
+        samples = sample_rows(model, guided, y.to(device), [w], seed).cpu()
         rows.append({"w": w, "interval": where, **fidelity(classifier, samples, y, device)})
     return rows
 
 
-def report_eval(rows, class_names, out_dir):
+def report_eval(rows, out_dir):
     """The table on stdout and in eval.csv, with each class's accuracy, and eval.png: accuracy
     and diversity against w, and which classes guidance helps most."""
     labels = [f"{r['w']:g}" if r["w"] != "real" else "real" for r in rows]
     labels = [w + (" in [{:g}, {:g}]".format(*r["interval"]) if r["interval"] else "")
               for w, r in zip(labels, rows)]  # fmt: skip
-    header = ["w", "accuracy", "confidence", "diversity", *class_names]
+    header = ["w", "accuracy", "confidence", "diversity", *DIGITS]
     print(f"{header[0]:>15}" + "".join(f"{h[:10]:>11}" for h in header[1:]))
     with open(os.path.join(out_dir, "eval.csv"), "w", newline="") as f:
         writer = csv.writer(f)
@@ -689,22 +647,23 @@ def report_eval(rows, class_names, out_dir):
             values = [r["accuracy"], r["confidence"], r["diversity"], *r["per_class"]]
             writer.writerow([label, *values])
             print(f"{label:>15}" + "".join(f"{v:11.3f}" for v in values))
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    fig = Figure(figsize=(16, 4))
+    axes = fig.subplots(1, 3)
     full = [r for r in rows[1:] if r["interval"] is None]
     for part, style in ((full, "o-"), ([r for r in rows if r["interval"]], "s--")):
+        if not part:  # no w > 1 in --eval-scales: no rows guided only in the interval
+            continue
         name = "whole path" if part is full else labels[rows.index(part[0])].split(" ", 1)[1]
         for ax, key in zip(axes, ("accuracy", "diversity")):
             ax.plot([r["w"] for r in part], [r[key] for r in part], style, label=name)
             ax.axhline(rows[0][key], ls=":", c="k")
-    for c, name in enumerate(class_names):
+    for c, name in enumerate(DIGITS):
         axes[2].plot([r["w"] for r in full], [r["per_class"][c] for r in full], "o-", label=name)
     titles = ("classified as requested", "diversity (dotted: real images)", "accuracy per class")
     for ax, title in zip(axes, titles):
         ax.set(xlabel="guidance scale w", title=title)
         ax.legend(fontsize=7)
     fig.savefig(os.path.join(out_dir, "eval.png"), dpi=150, bbox_inches="tight")
-    plt.close(fig)
 
 
 # -----------------------------------------------------------------------------
@@ -731,21 +690,9 @@ def warmup_cosine(step, warmup_steps, total_steps):
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train_step(model, ema, optimizer, scaler, loss, ema_decay, grad_clip):
-    """backward -> clip -> AdamW -> EMA, for a loss computed (under autocast) from `model`."""
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()  # the scaler is a no-op except with --dtype fp16
-    scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    update_ema(ema, model, ema_decay)
-
-
 def setup(args, device, total_steps):
-    """Everything a run needs, built the same way for training, --sample-only, --eval and --bench:
-    the model, its EMA and their compiled copies, AdamW, the lr schedule, the loss scaler, the
-    autocast context, one training step and the sampler, its settings bound."""
+    """Everything a run needs, built alike for training, --sample-only, --eval and --bench: model,
+    EMA and their compiled copies, AdamW, lr schedule, loss scaler, one training step, sampler."""
     dtype, ctx = precision(args.dtype, device)
     torch.manual_seed(args.seed)  # the same initial weights, and so the same EMA, on every rank
     model = build_model(args).to(device)
@@ -758,24 +705,32 @@ def setup(args, device, total_steps):
     lr_lambda = partial(warmup_cosine, warmup_steps=args.warmup_steps, total_steps=total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only
-    loss_fn = partial(flow_loss, p_uncond=args.p_uncond, t_sampling=args.t_sampling)
     train_model = torch.compile(model) if args.compile else model
     if dist.is_initialized():
         train_model = DistributedDataParallel(train_model)
 
     def step(x0, y, ema_decay):
-        """One optimizer step; returns the loss without syncing, so the GPU can run ahead."""
+        """loss, backward, clip, AdamW, EMA; returns the loss unsynced, so the GPU runs ahead."""
         with ctx:
-            loss = loss_fn(train_model, x0, y)
-        train_step(model, ema, optimizer, scaler, loss, ema_decay, args.grad_clip)
+            loss = flow_loss(train_model, x0, y, args.p_uncond, args.t_sampling)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()  # the scaler is a no-op except with --dtype fp16
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        update_ema(ema, model, ema_decay)
         scheduler.step()
         return loss.detach()
 
-    sample = partial(generate, steps=args.sample_steps, solver=args.solver,
-                     interval=args.guidance_interval)  # fmt: skip
+    def sample(model, y, w, noise, interval=args.guidance_interval):
+        """generate() with this run's settings bound, under its autocast context."""
+        with ctx:
+            return generate(model, y, w, noise, args.sample_steps, args.solver, interval)
+
     sampler = torch.compile(ema) if args.compile else ema  # the EMA, compiled separately
     return SimpleNamespace(model=model, ema=ema, optimizer=optimizer, scheduler=scheduler,
-                           scaler=scaler, step=step, sampler=sampler, sample=sample, ctx=ctx,
+                           scaler=scaler, step=step, sampler=sampler, sample=sample,
                            dtype=dtype)  # fmt: skip
 
 
@@ -785,17 +740,16 @@ def main(argv=None):
     master = rank == 0  # only rank 0 prints, shows progress bars and writes files
     if args.bench:
         return benchmark(args, device)
-    from_ckpt = args.resume or args.sample_only or args.eval
+    no_training = args.sample_only or args.eval
     ckpt_path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
-    check_output_paths(args.out_dir, ckpt_path, writes_ckpt=not (args.sample_only or args.eval))
-    ckpt = load_checkpoint(ckpt_path, args) if from_ckpt else None  # also sets MODEL_ARGS
-    if args.sample_only or args.eval:
+    check_output_paths(args.out_dir, ckpt_path, writes_ckpt=not no_training)
+    ckpt = load_checkpoint(ckpt_path, args) if args.resume or no_training else None  # +MODEL_ARGS
+    if no_training:
         run = setup(args, device, total_steps=1)
         run.model.load_state_dict(ckpt["model"])
         run.ema.load_state_dict(ckpt["ema"])
         if master and args.sample_only:
-            with run.ctx:
-                run_experiments(run.sampler, run.sample, ckpt["losses"], args)
+            run_experiments(run.sampler, run.sample, ckpt["losses"], args)
         if master and args.eval:
             evaluate_checkpoint(run, args, device)
         return run.model
@@ -819,13 +773,6 @@ def main(argv=None):
         resumed = f", resumed at step {step}" if ckpt else ""
         print(f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters, {device}, "
               f"{run.dtype}, {world_size} process(es){resumed}")  # fmt: skip
-
-    def save():
-        if master:
-            parts = {k: getattr(run, k).state_dict() for k in CHECKPOINT_PARTS}
-            model_args = {key: getattr(args, key) for key in MODEL_ARGS}
-            save_checkpoint({"script": SCRIPT, "args": vars(args), "model_args": model_args,
-                             "step": step, "losses": losses, **parts}, ckpt_path)  # fmt: skip
 
     batches, window, stop, stop_signal = None, [], False, StopSignal()
     bar = tqdm(total=max_steps, initial=step, disable=not master, leave=False, dynamic_ncols=True)
@@ -859,13 +806,15 @@ def main(argv=None):
                            f"{run.scheduler.get_last_lr()[0]:.2e} | {1e3 * dt:6.1f} ms/step | "
                            f"{args.batch_size / dt:6.0f} img/s")  # fmt: skip
             if stop or step == max_steps or (epoch_end and (epoch + 1) % args.save_every == 0):
-                save()
+                if master:
+                    state = {k: getattr(run, k).state_dict() for k in CHECKPOINT_PARTS}
+                    state["model_args"] = {key: getattr(args, key) for key in MODEL_ARGS}
+                    state.update(script=SCRIPT, args=vars(args), step=step, losses=losses)
+                    save_checkpoint(state, ckpt_path)
                 saved_step = step
             if master and epoch_end and (epoch + 1) % args.sample_every == 0:
                 path = f"{args.out_dir}/samples_epoch{epoch + 1:03d}.png"
-                with run.ctx:
-                    plot_class_grid(run.sampler, run.sample, path, args.guidance_scale, args.seed,
-                                    per_class=4)  # fmt: skip
+                plot_class_grid(run.sampler, run.sample, path, args.guidance_scale, args.seed, 4)
             t_log = time.perf_counter()
     finally:
         stop_signal.restore()
@@ -873,12 +822,11 @@ def main(argv=None):
 
     if master:
         if stop:
-            save_loss_curve(losses, f"{args.out_dir}/loss.png", "Flow matching loss (MSE)")
+            save_loss_curve(losses, f"{args.out_dir}/loss.png")
             print(f"interrupted at step {step}: saved {ckpt_path}; continue with --resume")
         else:
             print(f"done: {step} steps, checkpoint {ckpt_path}")
-            with run.ctx:
-                run_experiments(run.sampler, run.sample, losses, args)
+            run_experiments(run.sampler, run.sample, losses, args)
     if world_size > 1:
         dist.destroy_process_group()
     return run.model
@@ -893,42 +841,31 @@ def evaluate_checkpoint(run, args, device):
     classifier = get_classifier(f"{args.out_dir}/classifier.pt", trained_from, *train_set,
                                 args.classifier_epochs, args.seed, device)  # fmt: skip
     t0 = time.time()
-    with run.ctx:
-        rows = evaluate(run.sampler, run.sample, classifier, test_set, args.eval_scales,
-                        args.eval_interval, args.eval_per_class, args.seed)  # fmt: skip
+    rows = evaluate(run.sampler, run.sample, classifier, test_set, args.eval_scales,
+                    args.eval_interval, args.eval_per_class, args.seed)  # fmt: skip
     print(f"class fidelity: {args.eval_per_class} samples per class and row, "
           f"{args.solver} {args.sample_steps} steps, {time.time() - t0:.0f} s")  # fmt: skip
-    report_eval(rows, list("0123456789"), args.out_dir)
-    return rows
+    report_eval(rows, args.out_dir)
 
 
 # -----------------------------------------------------------------------------
 # Config
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of the whole usage block, exit code 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def checked(convert, is_valid, expected):
-    """An argparse `type`: convert the text, then validate it, so that a bad value gets a one-line
-    error naming the flag, before any data or model is touched."""
+    """An argparse `type` that converts, then validates: one line naming the flag if bad."""
 
     def parse(text):
-        try:
-            value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or not is_valid(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
+        with contextlib.suppress(ValueError):
+            if is_valid(value := convert(text)):
+                return value
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
 
     return parse
 
 
-def split(convert):
-    return lambda text: [convert(v) for v in text.split(",")]
+def floats(text):  # "0.2,0.8" -> (0.2, 0.8)
+    return tuple(float(v) for v in text.split(","))
 
 
 positive_int = checked(int, lambda v: v > 0, "a positive integer")
@@ -936,19 +873,16 @@ nonnegative_int = checked(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = checked(float, lambda v: 0 < v < math.inf, "a positive number")
 nonnegative_float = checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
 probability = checked(float, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
-float_list = checked(split(float), lambda v: 0 <= min(v) <= max(v) < math.inf,
-                     "numbers >= 0 like 0,1,4")  # fmt: skip
-interval_pair = checked(lambda text: tuple(split(float)(text)),  # "0.2,0.8" -> (0.2, 0.8)
-                        lambda v: len(v) == 2 and 0 <= v[0] < v[1] <= 1,
+float_list = checked(floats, lambda v: 0 <= min(v) <= max(v) < math.inf, "numbers >= 0 like 0,1,4")
+interval_pair = checked(floats, lambda v: len(v) == 2 and 0 <= v[0] < v[1] <= 1,
                         "two numbers LO,HI with 0 <= LO < HI <= 1, like 0.2,0.8")  # fmt: skip
 
 
 def get_args(argv=None):
-    p = ArgumentParser(
-        prog=f"{SCRIPT}.py",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Class-conditional flow matching with a DiT on MNIST, with CFG.",
-    )
+    p = argparse.ArgumentParser(f"{SCRIPT}.py")
+    p.description = "Class-conditional flow matching with a DiT on MNIST, with CFG."
+    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter  # --help shows every default
+    p.error = fail  # one line instead of the whole usage block, exit code 2
     # fmt: off
     add = p.add_argument_group("data").add_argument
     add("--dataset", choices=("mnist", "synthetic"), default="mnist",
@@ -959,14 +893,11 @@ def get_args(argv=None):
     add("--width", type=positive_int, default=256, help="transformer width (channels)")
     add("--depth", type=positive_int, default=6, help="number of DiT blocks")
     add("--heads", type=positive_int, default=8, help="attention heads per block")
-    add("--patch-size", type=positive_int, default=4,
-        help="patch side in pixels; must divide 28 (4 gives 7x7 = 49 tokens)")
+    add("--patch-size", type=positive_int, default=4, help="patch side, divides 28 (4: 49 tokens)")
     add("--mlp-ratio", type=positive_float, default=4.0, help="MLP width as a multiple of --width")
-    add("--cond-dim", type=positive_int, default=1024,
-        help="width of the conditioning vector c = embed(t) + embed(y)")
+    add("--cond-dim", type=positive_int, default=1024, help="width of c = embed(t) + embed(y)")
     add("--conv-channels", type=nonnegative_int, default=0,
-        help="if > 0: a 3x3 conv stem before patchify and a 3x3 conv after unpatchify with this "
-             "many channels (hides the patch grid); 0 = plain DiT")
+        help="if > 0: 3x3 convs of this width around the patches (hide their grid); 0: plain DiT")
     add("--label-init-std", type=positive_float, default=0.02,
         help="std of the initial class embeddings (DiT: 0.02; 1 lets the condition act sooner)")
     add = p.add_argument_group("flow matching").add_argument
@@ -979,15 +910,11 @@ def get_args(argv=None):
     add("--batch-size", type=positive_int, default=128, help="global batch, split over ranks")
     add("--lr", type=positive_float, default=1e-4, help="peak AdamW learning rate")
     add("--weight-decay", type=nonnegative_float, default=0.01, help="AdamW decay")
-    add("--warmup-steps", type=nonnegative_int, default=500,
-        help="steps of linear lr warm-up before the cosine decay")
+    add("--warmup-steps", type=nonnegative_int, default=500, help="linear lr warm-up, then cosine")
     add("--grad-clip", type=positive_float, default=1.0, help="max gradient norm")
-    add("--p-uncond", type=probability, default=0.1,
-        help="probability of replacing the label by the null class (CFG training)")
-    add("--ema-decay", type=probability, default=0.9999,
-        help="EMA decay of the weights used for sampling (with warm-up)")
-    add("--log-every", type=positive_int, default=50,
-        help="steps between log lines and loss checks (Ctrl-C is honoured at these)")
+    add("--p-uncond", type=probability, default=0.1, help="label dropout to the null class")
+    add("--ema-decay", type=probability, default=0.9999, help="EMA decay of the sampling weights")
+    add("--log-every", type=positive_int, default=50, help="steps between logs and loss checks")
     add("--save-every", type=positive_int, default=1, help="epochs between checkpoints")
     add("--sample-every", type=positive_int, default=5, help="epochs between preview grids")
     add("--resume", action="store_true", help="continue from --ckpt (default --out-dir/ckpt.pt)")
@@ -997,23 +924,19 @@ def get_args(argv=None):
     add("--sample-steps", type=positive_int, default=50, help="ODE steps from t=1 to t=0")
     add("--guidance-interval", type=interval_pair, default=(0.0, 1.0), metavar="LO,HI",
         help="guide only while t is in [LO, HI] (t = 1 is noise), conditional elsewhere")
-    add("--solver", choices=("euler", "heun"), default="euler",
-        help="ODE solver; Heun is 2nd order and costs two model calls per step")
+    add("--solver", choices=("euler", "heun"), default="euler", help="heun: 2nd order, 2x the cost")
     add("--digit", type=int, choices=range(NUM_CLASSES), default=7, metavar="0..9",
         help="digit shown in the CFG-scale comparison")
-    add("--grid-rows", type=positive_int, default=8,
-        help="samples per digit in class_grid.png and per w in cfg_scales.png")
+    add("--grid-rows", type=positive_int, default=8, help="samples per row of the grids")
     add("--sample-only", action="store_true", help="no training: the figures from --ckpt")
     add("--ckpt", default=None, help="checkpoint to read and write (default --out-dir/ckpt.pt)")
     add = p.add_argument_group("evaluation").add_argument
     add("--eval", action="store_true", help="no training: score --ckpt's samples with a classifier")
-    add("--eval-per-class", type=positive_int, default=100,
-        help="generated samples per class and table row (at least 2)")
-    add("--eval-scales", type=float_list, default=[0, 1, 2, 3, 4, 6], help="w scored by --eval")
+    add("--eval-per-class", type=positive_int, default=100, help="samples per class and row (>= 2)")
+    add("--eval-scales", type=float_list, default=(0, 1, 2, 3, 4, 6), help="w scored by --eval")
     add("--eval-interval", type=interval_pair, default=(0.0, 0.7), metavar="LO,HI",
         help="guidance interval of the table's extra rows (one per w > 1)")
-    add("--classifier-epochs", type=positive_int, default=10,
-        help="epochs of the eval classifier (cached in --out-dir/classifier.pt)")
+    add("--classifier-epochs", type=positive_int, default=10, help="epochs of the eval classifier")
     add = p.add_argument_group("system").add_argument
     add("--out-dir", default="out/flow_dit_mnist", help="checkpoint, figures and eval table")
     add("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"), help="cuda > mps > cpu")
@@ -1035,10 +958,8 @@ def get_args(argv=None):
         p.error(f"--batch-size {args.batch_size} is not divisible by the {world_size} ranks")
     if IMAGE_SIZE % args.patch_size:
         p.error(f"--patch-size {args.patch_size} must divide the image size {IMAGE_SIZE}")
-    if args.width % args.heads:
-        p.error(f"--width {args.width} must be divisible by --heads {args.heads}")
-    if args.width % 4:
-        p.error(f"--width {args.width} must be divisible by 4 (2-D sin-cos embedding)")
+    if args.width % args.heads or args.width % 4:  # 4: the 2-D sin-cos position embedding
+        p.error(f"--width {args.width} must be divisible by --heads {args.heads} and by 4")
     if args.eval_per_class < 2:
         p.error("--eval-per-class must be at least 2 (diversity is a pairwise distance)")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -1057,7 +978,7 @@ def get_args(argv=None):
 
 
 def fail(message, code=2):
-    """Exit with one clear line instead of a traceback (bad checkpoint, missing data)."""
+    """Exit with one clear line instead of a traceback (bad flag or checkpoint, missing data)."""
     print(f"{SCRIPT}.py: error: {message}", file=sys.stderr)
     raise SystemExit(code)
 
@@ -1069,14 +990,13 @@ def precision(name, device):
     if name == "auto":
         name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-    torch.set_float32_matmul_precision("highest" if dtype == torch.float32 else "high")
-    fp32 = dtype == torch.float32
-    return dtype, contextlib.nullcontext() if fp32 else torch.autocast(device.type, dtype=dtype)
+    mixed = dtype != torch.float32
+    torch.set_float32_matmul_precision("high" if mixed else "highest")
+    return dtype, torch.autocast(device.type, dtype=dtype) if mixed else contextlib.nullcontext()
 
 
 def setup_distributed(device_name):
-    """DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python` is one process.
-    Returns (rank, world_size, device); device "auto" picks cuda > mps > cpu."""
+    """(rank, world_size, device): DDP if torchrun set RANK, else one process. cuda > mps > cpu."""
     if device_name == "auto":
         mps = torch.backends.mps.is_available()
         device_name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
@@ -1097,8 +1017,7 @@ def seed_step(seed, rank, step):
 
 
 def check_window(window, stop_requested, world_size):
-    """The last losses on the CPU (one device sync), and the flags (non-finite loss, stop
-    requested) as all ranks agree on them, so that they stop together."""
+    """The window's losses on the CPU (one sync), and (non-finite, stop) agreed by all ranks."""
     losses = torch.stack(window).float()
     flags = torch.tensor([not losses.isfinite().all(), stop_requested], device=losses.device)
     if world_size > 1:
@@ -1108,8 +1027,8 @@ def check_window(window, stop_requested, world_size):
 
 
 class StopSignal:
-    """Ctrl-C (SIGINT) or SIGTERM (torchrun, schedulers) sets a flag, so the training loop can save
-    a checkpoint and exit cleanly at its next check. A second Ctrl-C aborts at once."""
+    """Ctrl-C or SIGTERM sets `requested`: training saves and exits at its next check. A second
+    Ctrl-C aborts at once."""
 
     def __init__(self):
         self.requested = False
@@ -1126,8 +1045,7 @@ class StopSignal:
 
 
 def check_output_paths(out_dir, ckpt_path, writes_ckpt):
-    """Fail now, with one line, if the figures or the checkpoint could not be written later: an
-    --out-dir that is a file or read-only, or a --ckpt in a folder that does not exist."""
+    """Fail now, with one line, if the figures or the checkpoint could not be written later."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         fail(f"--out-dir {out_dir} is a file, not a folder")
     try:
@@ -1139,22 +1057,19 @@ def check_output_paths(out_dir, ckpt_path, writes_ckpt):
         fail(f"--ckpt {ckpt_path}: the folder {ckpt_dir} does not exist")
     for folder in (out_dir, ckpt_dir) if writes_ckpt else (out_dir,):
         try:
-            with tempfile.TemporaryFile(dir=folder):  # a probe: can we create files there?
-                pass
+            tempfile.TemporaryFile(dir=folder).close()  # a probe: can we create files there?
         except OSError as e:
             fail(f"cannot write to {folder} ({e.strerror})")
 
 
 def save_checkpoint(state, path):
-    """Atomic save: write a temporary file in the same folder, then rename it over the old one.
-    A crash or kill during torch.save leaves the previous checkpoint untouched."""
+    """Atomic: write a temporary file, then rename it over the old one; a crash keeps the old."""
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
 def load_checkpoint(path, args):
-    """Load a checkpoint of this script and take the MODEL_ARGS flags from it (into args); a flag
-    given on the command line that contradicts it gets one line and exit code 2."""
+    """This script's checkpoint, its MODEL_ARGS copied into args; a contradicting flag: exit 2."""
     if not os.path.isfile(path):
         fail(f"no checkpoint at {path}; train first, or point --ckpt at one")
     try:
@@ -1164,98 +1079,78 @@ def load_checkpoint(path, args):
     if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT or "model_args" not in ckpt:
         fail(f"{path} was not written by {SCRIPT}.py")
     for key, saved in ckpt["model_args"].items():
+        flag = "--" + key.replace("_", "-")
         if key in args.given and getattr(args, key) != saved:
-            flag = "--" + key.replace("_", "-")
-            value = ",".join(map(str, saved)) if isinstance(saved, list) else saved
-            fail(f"{path} was trained with {flag} {value}; leave {flag} out or pass {flag} {value}")
+            fail(f"{path} was trained with {flag} {saved}; leave {flag} out or pass {flag} {saved}")
         setattr(args, key, saved)
     return ckpt
 
 
-def pyplot():
-    """matplotlib is imported only when a figure is drawn, so importing the script stays fast."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_image_grid(images, path, nrow, title, col_labels=None, row_labels=None):
-    """Save (nrow * ncol, C, H, W) images in [-1, 1], laid out row by row, as a labelled PNG."""
-    plt = pyplot()
-    n, c, h, w = images.shape
+def save_image_grid(images, path, title, row_labels, col_labels=None):
+    """Save images (rows * cols, 1, H, W) in [-1, 1], one row per row label, as a labelled PNG."""
+    (n, c, h, w), nrow = images.shape, len(row_labels)
     ncol = n // nrow
     x = F.pad((images.float().cpu().clamp(-1, 1) + 1) / 2, (1, 1, 1, 1), value=1.0)
     h, w = h + 2, w + 2  # with a one-pixel white frame
     x = x.view(nrow, ncol, c, h, w).permute(0, 3, 1, 4, 2).reshape(nrow * h, ncol * w, c)
-    fig, ax = plt.subplots(figsize=(1 + 0.8 * ncol, 0.8 + 0.8 * nrow))
-    ax.imshow(x.squeeze(-1).numpy(), cmap="gray" if c == 1 else None, vmin=0, vmax=1)
-    ax.set_xticks([w * (i + 0.5) for i in range(ncol)] if col_labels else [])
-    ax.set_xticklabels(col_labels or [], fontsize=8)
-    ax.set_yticks([h * (i + 0.5) for i in range(nrow)] if row_labels else [])
-    ax.set_yticklabels(row_labels or [], fontsize=8)
+    ax = Figure(figsize=(1 + 0.8 * ncol, 0.8 + 0.8 * nrow)).subplots()
+    ax.imshow(x.squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1)
+    ax.set_xticks([w * (i + 0.5) for i in range(ncol)] if col_labels else [], col_labels or [])
+    ax.set_yticks([h * (i + 0.5) for i in range(nrow)], row_labels)
+    ax.tick_params(labelsize=8)
     ax.set_title(title, fontsize=10)
-    fig.savefig(path, dpi=150, bbox_inches="tight")
-    plt.close(fig)
+    ax.figure.savefig(path, dpi=150, bbox_inches="tight")
 
 
-def save_loss_curve(losses, path, title):
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+def save_loss_curve(losses, path):
+    ax = Figure(figsize=(6, 3.5)).subplots()
     ax.plot(losses, lw=0.5, alpha=0.4, label="per step")
     window = max(1, len(losses) // 50)
     smooth = torch.tensor(losses).unfold(0, window, 1).mean(1)
     ax.plot(range(window - 1, len(losses)), smooth, label=f"mean of {window} steps")
-    ax.set(xlabel="step", ylabel="loss", yscale="log", title=title)
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title="Flow matching loss (MSE)")
     ax.legend()
-    fig.savefig(path, dpi=150, bbox_inches="tight")
-    plt.close(fig)
+    ax.figure.savefig(path, dpi=150, bbox_inches="tight")
 
 
 def benchmark(args, device):
-    """--bench: the training step and CFG sampling of the configuration the flags select ("fast")
-    against the plain one (fp32, eager), both built by setup() as a real run builds them,
-    on random data of the training shape; medians of three alternating rounds. The first
-    --bench-steps steps (the warm-up) also compare the losses, same weights and random draws."""
+    """--bench: training steps and CFG sampling as the flags select them ("fast") against fp32 and
+    eager ("plain"), both built by setup() as a real run builds them, on random data of the
+    training shape; medians of three alternating rounds. The warm-up steps also compare the two
+    losses, from the same weights and random draws."""
     plain = argparse.Namespace(**{**vars(args), "dtype": "fp32", "compile": False})
     B, n, shape = args.batch_size, args.bench_samples, (IN_CHANNELS, IMAGE_SIZE, IMAGE_SIZE)
     x0, y = torch.randn(B, *shape, device=device).clamp(-1, 1), torch.arange(B) % NUM_CLASSES
     noise, labels = torch.randn(n, *shape, device=device), torch.arange(n) % NUM_CLASSES
-    runs, losses, times = {}, {}, {"fast": ([], []), "plain": ([], [])}
-    for name, variant in (("fast", args), ("plain", plain)):
-        run = runs[name] = setup(variant, device, total_steps=10**6)
-        run.flags, losses[name] = variant, []
-        run.train = partial(run.step, x0, y.to(device))
-        run.sample_all = partial(run.sample, run.sampler, labels.to(device), args.guidance_scale,
-                                 noise)  # fmt: skip
+    variants = {}
+    for name, flags in (("fast", args), ("plain", plain)):
+        run = setup(flags, device, total_steps=10**6)
+        v = variants[name] = SimpleNamespace(dtype=flags.dtype, losses=[], times=[])
+        v.train = partial(run.step, x0, y.to(device), 0.999)
+        v.sample = partial(run.sample, run.sampler, labels.to(device), args.guidance_scale, noise)
         for i in range(args.bench_steps):  # warm-up (compilation), the same draws in both
             torch.manual_seed(i)
-            losses[name].append(run.train(0.999).item())
-        with run.ctx:
-            run.sample_all()
+            v.losses.append(v.train().item())
+        v.sample()
     for _ in range(3):  # alternate, so that clock or thermal drift hits both variants alike
-        for name, run in runs.items():
-            precision(run.flags.dtype, device)  # TF32 on or off, as in that variant
-            times[name][0].append(timed(partial(run.train, 0.999), device, args.bench_steps))
-            with run.ctx:
-                times[name][1].append(timed(run.sample_all, device))
+        for v in variants.values():
+            precision(v.dtype, device)  # TF32 on or off, as in that variant
+            v.times.append((timed(v.train, device, args.bench_steps), timed(v.sample, device)))
     cuda = device.type == "cuda"
     hw = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{SCRIPT} --bench on {hw}, torch {torch.__version__}: train batch {B}, CFG sampling "
           f"of {n} images x {args.sample_steps} {args.solver} steps\n"
           "variant  train ms/step  train img/s  sample s  sample img/s")  # fmt: skip
-    (tf, sf), (tp, sp) = ([statistics.median(t) for t in times[k]] for k in ("fast", "plain"))
+    (tf, sf), (tp, sp) = ([statistics.median(t) for t in zip(*v.times)] for v in variants.values())
     for name, step_s, sample_s in (("fast", tf, sf), ("plain", tp, sp)):
         print(
             f"{name:8} {1e3 * step_s:13.1f} {B / step_s:12.1f} {sample_s:9.3g} {n / sample_s:13.1f}"
         )
-    gaps = [abs(f - p) / p for f, p in zip(losses["fast"], losses["plain"])]
+    gaps = [abs(f - p) / p for f, p in zip(variants["fast"].losses, variants["plain"].losses)]
     print(f"speed-up fast / plain: training {tp / tf:.2f}x, sampling {sp / sf:.2f}x\nloss, fast vs "
           f"plain, first {len(gaps)} steps: mean relative difference {statistics.mean(gaps):.2e}, "
           f"max {max(gaps):.2e}")  # fmt: skip
-    return times, losses
+    return variants
 
 
 def timed(fn, device, repeat=1):

@@ -1330,7 +1330,7 @@ BAD_FLAGS = {
         (["--lr", "-1"], "argument --lr: expected a positive number, got '-1'"),
         (["--patch-size", "5"], "--patch-size 5 must divide the image size 28"),
         (["--width", "30", "--heads", "4"], "--width 30 must be divisible by --heads 4"),
-        (["--width", "18", "--heads", "2"], "--width 18 must be divisible by 4"),
+        (["--width", "18", "--heads", "2"], "--width 18 must be divisible by --heads 2 and by 4"),
         (["--solver", "rk4"], "argument --solver: invalid choice: 'rk4'"),
         (["--t-sampling", "beta"], "argument --t-sampling: invalid choice: 'beta'"),
         (["--dataset", "cifar10"], "argument --dataset: invalid choice: 'cifar10'"),
