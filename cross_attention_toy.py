@@ -1,12 +1,12 @@
 """Text-conditioned diffusion through cross-attention, small enough to train on a laptop CPU.
 
-What it teaches: how a caption steers a diffusion model. A small transformer turns the words into
-token embeddings; inside the U-Net every image position asks "which words concern me?" through
-cross-attention (queries from image features, keys and values from text tokens, padding masked
-out). Classifier-free guidance uses the empty caption as the null condition. Because the images
-come from a known renderer (coloured circles, squares and triangles at named quadrants), a checker
-can read each generated image and decide whether it matches its caption, so prompt fidelity is a
-number, and a few colour-shape pairs never shown in training test whether the model composes words.
+What it teaches: how a caption steers a diffusion model. A small transformer encodes the words;
+inside the U-Net every image position asks "which words concern me?" through cross-attention
+(queries from image features, keys and values from text tokens, padding masked out), and
+classifier-free guidance uses the empty caption as its null condition. The images come from a
+known renderer (coloured shapes at named quadrants), so a checker reads each sample and says
+whether it matches its caption: prompt fidelity is a number, and colour-shape pairs never shown in
+training test whether the model composes words.
 
 What made composition work (held-out pairs at w = 3, 8 samples per prompt, the checker below):
 the first version's text encoder let every word attend to every other word, and its held-out
@@ -246,13 +246,11 @@ def sincos_2d(side, dim):
 
 
 def rotary_embedding(x, base=100.0):
-    """Rotary position embedding (Su et al. 2021, RoFormer) for x: (B, heads, L, d).
-
-    Channel pairs (i, i + d/2) of the token at position p are rotated by the angle p * f_i, so a
-    query-key dot product depends only on the offset between the two tokens. "The colour word four
-    tokens before me" is then one pattern for the first and the second object of a caption. Base
-    100 instead of the usual 10000 because our texts are only MAX_LEN = 16 tokens long.
-    """
+    """Rotary position embedding (Su et al. 2021, RoFormer) for x: (B, heads, L, d). Channel pairs
+    (i, i + d/2) of the token at position p are rotated by the angle p * f_i, so a query-key dot
+    product depends only on the offset between the two tokens: "the colour word four tokens before
+    me" is one pattern for the first and the second object of a caption. Base 100 instead of the
+    usual 10000 because our texts are only MAX_LEN = 16 tokens long."""
     half = x.shape[-1] // 2
     freqs = torch.exp(-math.log(base) * torch.arange(half, device=x.device) / half)  # (d/2,)
     angles = torch.arange(x.shape[-2], device=x.device)[:, None] * freqs[None]  # (L, d/2)
@@ -262,12 +260,9 @@ def rotary_embedding(x, base=100.0):
 
 
 class SelfAttention(nn.Module):
-    """Pre-norm multi-head self-attention with a residual: x + W_o Attn(LN(x)).
-
-    x: (B, L, D); attn_mask: optional (B, 1, L, L) bool, True where query i may attend to key j.
-    Used for the text tokens (with the clause mask and rotary positions) and for image positions
-    (no mask; their position embedding is added before, see UNetBlock).
-    """
+    """Pre-norm multi-head self-attention with a residual: x + W_o Attn(LN(x)). x: (B, L, D);
+    attn_mask: optional (B, 1, L, L) bool, True where query i may attend to key j. Used for the text
+    tokens (clause mask, rotary positions) and for image positions (no mask; see UNetBlock)."""
 
     def __init__(self, dim, heads, rotary=False):
         super().__init__()
@@ -297,8 +292,7 @@ class CrossAttention(nn.Module):
     mask:    (B, S) bool  True for real tokens, False for padding (M = -inf there, so padding gets
                           exactly zero weight); every row needs one True (our <start> token)
     Returns (out (B, L, D), weights (B, heads, L, S) if need_weights else None). The weights path
-    writes the softmax out for the attention maps; the normal path uses the fused kernel.
-    """
+    writes the softmax out for the attention maps; the normal path uses the fused kernel."""
 
     def __init__(self, dim, context_dim, heads):
         super().__init__()
@@ -330,17 +324,16 @@ class CrossAttention(nn.Module):
 class TextEncoder(nn.Module):
     """Word tokens -> contextual token embeddings: (B, S) -> (B, S, D).
 
-    Real systems put a large frozen pretrained encoder here: CLIP's text tower in Stable
-    Diffusion, T5-XXL in Imagen. Those know what "red" means before diffusion training starts. Our
-    language has 18 tokens, so a two-layer transformer trained jointly with the denoiser (the
-    diffusion loss is its only signal) is enough. Its job is binding: in "a red square at the top
-    left and a blue circle ...", "left" must carry "red square" and nothing of "blue circle".
-    Two choices do that. Rotary positions (in an earlier version, learned absolute positions
-    swapped colours between the objects: 62% in-distribution fidelity after 1200 steps, rotary
-    100%). And each token attends only to the tokens of its own clause (the words between two
-    "and"s): an object's words cannot leak into the other object, so a colour-shape pair never
-    seen together still binds like any other (the module docstring has the numbers).
-    """
+    Real systems put a large frozen pretrained encoder here (CLIP's text tower in Stable Diffusion,
+    T5-XXL in Imagen) that knows what "red" means before diffusion training starts. Our language
+    has 18 tokens, so a two-layer transformer trained jointly with the denoiser (the diffusion loss
+    is its only signal) is enough. Its job is binding: in "a red square at the top left and a blue
+    circle ...", "left" must carry "red square" and nothing of "blue circle". Two choices do that.
+    Rotary positions (in an earlier version, learned absolute positions swapped colours between the
+    objects: 62% in-distribution fidelity after 1200 steps, rotary 100%). And each token attends
+    only to the tokens of its own clause (the words between two "and"s): an object's words cannot
+    leak into the other object, so a colour-shape pair never seen together still binds like any
+    other (the module docstring has the numbers)."""
 
     def __init__(self, vocab_size, dim, depth, heads, and_id=AND_ID):
         super().__init__()
@@ -387,11 +380,9 @@ class ResBlock(nn.Module):
 
 
 class UNetBlock(nn.Module):
-    """ResBlock -> self-attention (if self_attn) -> cross-attention (if cross_attn).
-
-    Self-attention lets distant positions agree (one object per quadrant); cross-attention is the
-    only place where the caption enters the network.
-    """
+    """ResBlock -> self-attention (if self_attn) -> cross-attention (if cross_attn). Self-attention
+    lets distant positions agree (one object per quadrant); cross-attention is the only place where
+    the caption enters the network."""
 
     def __init__(self, in_ch, out_ch, t_dim, text_dim, heads, resolution, self_attn, cross_attn):
         super().__init__()
@@ -420,12 +411,10 @@ class UNetBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t, caption): a small U-Net whose attention blocks read the caption.
-
-    Levels run at image_size, image_size / 2, ...; each level is one UNetBlock on the way down and
-    one on the way up (taking the skip connection), with a UNetBlock with self- and cross-attention
-    in the middle. attn_res: resolutions with cross-attention; self_attn_res: with self-attention.
-    """
+    """eps_theta(x_t, t, caption): a small U-Net whose attention blocks read the caption. Levels run
+    at image_size, image_size / 2, ...; each level is one UNetBlock on the way down and one on the
+    way up (taking the skip connection), with a UNetBlock with self- and cross-attention in the
+    middle. attn_res: resolutions with cross-attention; self_attn_res: with self-attention."""
 
     def __init__(self, image_size, width, ch_mult, attn_res, self_attn_res, heads, vocab_size,
                  text_dim, text_depth, pad_id):  # fmt: skip
@@ -499,10 +488,8 @@ class UNet(nn.Module):
 
 
 def build_model(args):
-    return UNet(image_size=args.image_size, width=args.width, ch_mult=tuple(args.ch_mult),
-                attn_res=tuple(args.attn_res), self_attn_res=tuple(args.self_attn_res),
-                heads=args.heads, vocab_size=len(VOCAB), text_dim=args.text_dim,
-                text_depth=args.text_depth, pad_id=PAD_ID)  # fmt: skip
+    model_args = {key: getattr(args, key) for key in MODEL_ARGS if key != "timesteps"}
+    return UNet(**model_args, vocab_size=len(VOCAB), pad_id=PAD_ID)
 
 
 # -----------------------------------------------------------------------------
@@ -534,11 +521,9 @@ def parse_caption(text):
 
 
 def tokenize(captions, max_len):
-    """Word-level tokenizer: [<start>, word ids..., <pad>, ...] of length max_len per caption.
-
-    The <start> token is always there, so even the empty caption (the null condition) has one
-    token that attention can land on; a fully masked row would make softmax return NaN.
-    """
+    """Word-level tokenizer: [<start>, word ids..., <pad>, ...] of length max_len per caption. The
+    <start> token is always there, so even the empty caption (the null condition) has one token
+    that attention can land on; a fully masked row would make softmax return NaN."""
     ids = torch.full((len(captions), max_len), PAD_ID, dtype=torch.long)
     for i, text in enumerate(captions):
         words = text.lower().split()
@@ -635,13 +620,11 @@ def best_shape(mask):
 
 
 def check_image(image, scene):
-    """Does the image match the scene? Reads the pixels, knowing only the renderer's geometry.
-
-    For each named object: in its quadrant, the pixels of the named colour must match one of the
+    """Does the image match the scene? Reads the pixels, knowing only the renderer's geometry. For
+    each named object: in its quadrant, the pixels of the named colour must match one of the
     renderer's shapes (at any jitter offset) with IoU >= MIN_IOU, and the best match must be the
     named shape. Colours the caption did not ask for, in a named quadrant or in one the caption
-    does not mention, may cover at most MAX_STRAY of the quadrant.
-    """
+    does not mention, may cover at most MAX_STRAY of the quadrant."""
     named = {pos: (colour, shape) for colour, shape, pos in scene}
     for pos, region in read_quadrants(image).items():
         if pos in named:
@@ -769,28 +752,20 @@ def run_experiments(ema, sample, args):
         f"{len(HELD_OUT_PROMPTS)} with held-out pairs (green title: the checker accepts)"
     )
     ok = [check_image(x, parse_caption(p)) for x, p in zip(images[w], PROMPTS)]
-    titles = [textwrap.fill(p, 28) for p in PROMPTS]
-    colours = ["green" if a else "red" for a in ok]
+    titles, colours = [textwrap.fill(p, 28) for p in PROMPTS], ["green" if a else "red" for a in ok]
     plot_grid(f"{out}/samples.png", title, images[w], 6, titles, colours)
     # guidance_sweep.png: a row per scale, every other prompt, the same starting noise in each row
-    prompts = PROMPTS[::2]
+    rows = table[:-1]
+    grid = [x for r in rows for x in images[r["guidance_scale"]][::2]]
     titles = [
-        textwrap.fill(("held out: " if p in HELD_OUT_PROMPTS else "") + p, 22) for p in prompts
+        textwrap.fill(("held out: " if p in HELD_OUT_PROMPTS else "") + p, 22) for p in PROMPTS[::2]
     ]
-    grid = [x for r in table[:-1] for x in images[r["guidance_scale"]][::2]]
     labels = [
-        f"w={r['guidance_scale']:g}\nin {100 * r['in_dist']:.0f}%\nheld {100 * r['held_out']:.0f}%"
-        for r in table[:-1]
+        f"w={r['guidance_scale']:g}\nin {r['in_dist']:.0%}\nheld {r['held_out']:.0%}" for r in rows
     ]
     title = "classifier-free guidance sweep (row label: prompt fidelity)"
     plot_grid(
-        f"{out}/guidance_sweep.png",
-        title,
-        grid,
-        len(prompts),
-        titles,
-        row_labels=labels,
-        fontsize=5,
+        f"{out}/guidance_sweep.png", title, grid, len(titles), titles, row_labels=labels, fontsize=5
     )
     # attention_maps.png: the sample, then where it attends to each token, each map scaled to 1
     prompts = [args.prompt] if args.prompt else [IN_DIST_PROMPTS[0], IN_DIST_PROMPTS[8]]
@@ -828,12 +803,6 @@ def update_ema(ema, model, decay):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
-def ema_decay_at(step, decay):
-    """EMA warm-up: early on the average would be stuck near the random init, so the effective
-    decay grows as (1 + step) / (10 + step) until it reaches the configured value."""
-    return min(decay, (1 + step) / (10 + step))
-
-
 def warmup_cosine(step, warmup_steps, total_steps, min_ratio=0.1):
     """lr multiplier: linear warm-up from 0 to 1, then cosine decay to min_ratio at total_steps."""
     if step < warmup_steps:
@@ -854,9 +823,8 @@ def train_step(model, ema, optimizer, scaler, loss, ema_decay, grad_clip):
 
 
 def setup(args, device):
-    """Everything a run needs, built the same way for training, --sample-only and --bench: the
-    model (channels-last if asked), its EMA and their compiled copies, AdamW, the lr schedule, the
-    loss scaler, the autocast context, one training step and the sampler, settings bound."""
+    """Everything a run needs, built the same way for training, --sample-only and --bench: model,
+    EMA, optimizer, lr schedule, loss scaler, autocast context, a training step and the sampler."""
     dtype, ctx = precision(args.dtype, device)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     torch.manual_seed(args.seed)
@@ -896,7 +864,7 @@ def main(argv=None):
     args = get_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = torch.device(args.device)
     if args.bench:
         return benchmark(args, device)
     ckpt_path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
@@ -917,11 +885,12 @@ def main(argv=None):
             run_experiments(run.sampler, run.sample, args)
         return run.model
 
-    def save():
+    def save():  # atomic: a kill during torch.save leaves the previous checkpoint as it was
         parts = {k: getattr(run, k).state_dict() for k in CHECKPOINT_PARTS}
         model_args = {key: getattr(args, key) for key in MODEL_ARGS}
-        save_checkpoint({"script": SCRIPT, "args": vars(args), "model_args": model_args,
-                         "step": step, "losses": losses, **parts}, ckpt_path)  # fmt: skip
+        torch.save({"script": SCRIPT, "args": vars(args), "model_args": model_args,
+                    "step": step, "losses": losses, **parts}, ckpt_path + ".tmp")  # fmt: skip
+        os.replace(ckpt_path + ".tmp", ckpt_path)
 
     window, stop, stop_signal = [], False, StopSignal()
     # the loop stops to check, log, save or evaluate only at multiples of these
@@ -933,7 +902,9 @@ def main(argv=None):
             seed_step(args.seed, step)
             x0, tokens = get_batch(args.batch_size, args.image_size, args.seed, step)
             x0, tokens = x0.to(device, memory_format=run.memory_format), tokens.to(device)
-            window.append(run.step(x0, tokens, ema_decay_at(step, args.ema_decay)))
+            # EMA warm-up: the decay grows as (1 + step) / (10 + step) up to --ema-decay, so that
+            # early on the average does not stay stuck near the random init
+            window.append(run.step(x0, tokens, min(args.ema_decay, (1 + step) / (10 + step))))
             step += 1
             bar.update()
             if step < args.max_steps and all(step % n for n in check_every):
@@ -1040,32 +1011,26 @@ def get_args(argv=None):
         help="base channels of the U-Net (a multiple of 8, for GroupNorm)")
     add("--ch-mult", type=int_list, default=[1, 2, 2],
         help="channel multiplier per U-Net level; each level halves the resolution")
-    add("--attn-res", type=int_list, default=[8, 4],
-        help="resolutions (pixels) whose blocks get cross-attention; the middle block has it")
-    add("--self-attn-res", type=int_list, default=[4],
-        help="resolutions whose blocks also get self-attention; the middle block always has it")
+    add("--attn-res", type=int_list, default=[8, 4], help="resolutions with cross-attention")
+    add("--self-attn-res", type=int_list, default=[4], help="resolutions with self-attention too")
     add("--heads", type=positive_int, default=4, help="attention heads everywhere")
     add("--text-dim", type=positive_int, default=64, help="text encoder width")
     add("--text-depth", type=positive_int, default=2, help="text encoder layers")
     add = p.add_argument_group("diffusion").add_argument
     add("--timesteps", type=positive_int, default=1000, help="T: noise levels t = 0..T-1 (cosine)")
-    add("--min-snr-gamma", type=nonnegative_float, default=5.0,
-        help="Min-SNR loss weight cap gamma (0 = plain eps MSE)")
+    add("--min-snr-gamma", type=nonnegative_float, default=5.0, help="Min-SNR cap (0: plain MSE)")
     add = p.add_argument_group("training").add_argument
     add("--max-steps", type=positive_int, default=1000, help="optimizer steps, a fresh batch each")
     add("--batch-size", type=positive_int, default=64, help="images per step")
     add("--lr", type=positive_float, default=2e-3, help="peak AdamW learning rate")
-    add("--warmup-steps", type=nonnegative_int, default=100,
-        help="linear lr warm-up steps, then cosine decay to 10%% of --lr")
+    add("--warmup-steps", type=nonnegative_int, default=100, help="lr warm-up, then cosine to 10%%")
     add("--weight-decay", type=nonnegative_float, default=0.0, help="AdamW decay")
     add("--grad-clip", type=positive_float, default=1.0, help="max gradient norm")
     add("--p-uncond", type=probability, default=0.1, help="caption dropout: P(empty caption)")
     add("--ema-decay", type=probability, default=0.995, help="EMA decay of the sampling weights")
-    add("--log-every", type=positive_int, default=100,
-        help="steps between log lines and the checks for non-finite loss and Ctrl-C")
+    add("--log-every", type=positive_int, default=100, help="steps between logs and stop checks")
     add("--save-every", type=positive_int, default=250, help="steps between checkpoints")
-    add("--eval-every", type=nonnegative_int, default=200,
-        help="steps between quick in-distribution fidelity checks (0 = only at the end)")
+    add("--eval-every", type=nonnegative_int, default=200, help="steps per quick check (0: off)")
     add("--resume", action="store_true", help="continue from --ckpt, or from --out-dir/ckpt.pt")
     add = p.add_argument_group("sampling and experiments").add_argument
     add("--guidance-scale", type=nonnegative_float, default=3.0,
@@ -1088,8 +1053,7 @@ def get_args(argv=None):
     add("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
         help="autocast precision; auto = bf16 on CUDA where supported, else fp32")
     add("--compile", action="store_true", help="torch.compile the model and the sampling EMA")
-    add("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-        help="NHWC memory format for the convolutions")
+    add("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC convs")
     add("--threads", type=nonnegative_int, default=0,
         help="CPU threads (0 = one per core); on a CPU shared with other jobs 1 is often faster")
     add("--bench", action="store_true", help="time fast vs plain training and sampling, then exit")
@@ -1127,6 +1091,9 @@ def get_args(argv=None):
         p.error("choose at most one of --sample-only, --resume and --bench")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         p.error("this script trains in one process: start it with python, not torchrun")
+    if args.device == "auto":  # cuda > mps > cpu
+        mps = torch.backends.mps.is_available()
+        args.device = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     return args
 
 
@@ -1140,24 +1107,15 @@ def fail(message, code=2):
     raise SystemExit(code)
 
 
-def resolve_device(name):
-    """ "auto" picks cuda > mps > cpu."""
-    if name == "auto":
-        mps = torch.backends.mps.is_available()
-        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    return torch.device(name)
-
-
 def precision(name, device):
     """(dtype, autocast context). bf16/fp16 autocast runs convs and matmuls in half precision,
-    norms, softmax and the loss in fp32; with fp32 the context is a no-op, so one `with ctx:`
+    norms, softmax and the loss in fp32; with fp32 the context is disabled, so one `with ctx:`
     serves every precision. TF32 tensor cores only with mixed precision: fp32 stays true fp32."""
     if name == "auto":
         name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
     torch.set_float32_matmul_precision("highest" if dtype == torch.float32 else "high")
-    fp32 = dtype == torch.float32
-    return dtype, contextlib.nullcontext() if fp32 else torch.autocast(device.type, dtype=dtype)
+    return dtype, torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def seed_step(seed, step):
@@ -1202,12 +1160,6 @@ def check_output_paths(out_dir, ckpt_path, writes_ckpt):
             fail(f"cannot write to {folder} ({e.strerror})")
 
 
-def save_checkpoint(state, path):
-    """Atomic save: write a temporary file, then rename it over the old one (a kill keeps it)."""
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
 def load_checkpoint(path, args):
     """Load a checkpoint of this script and take the MODEL_ARGS flags from it (into args); a flag
     given on the command line that contradicts it gets one line and exit code 2."""
@@ -1243,9 +1195,8 @@ def plot_grid(path, title, images, cols, titles=(), colours=(), row_labels=(), f
     for an empty cell; optional titles (and their colours) per image, and labels per row."""
     plt = pyplot()
     rows = math.ceil(len(images) / cols)
-    fig, axes = plt.subplots(
-        rows, cols, figsize=(1.6 * cols, 1.9 * rows), squeeze=False, layout="constrained"
-    )
+    size = (1.6 * cols, 1.9 * rows)
+    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.set(xticks=[], yticks=[])
         ax.spines[:].set_visible(False)  # no frames, but a row label stays visible
@@ -1280,50 +1231,43 @@ def save_loss_curve(losses, path, title):
 def benchmark(args, device):
     """--bench: training steps and CFG sampling as the flags set them up ("fast") against the plain
     setup (fp32, eager, NCHW), both built by setup() as a real run builds them, on the first
-    training batch; medians of three alternating rounds. The warm-up steps, with the same weights
-    and random draws in both, also compare the two variants' losses."""
+    training batch. Round 0 warms up (compiles) and compares the losses (same weights, same random
+    draws); rounds 1-3 are timed, alternating the variants so that clock or thermal drift hits
+    both alike, and their medians reported."""
     B, n = args.batch_size, args.bench_samples
     x0, tokens = (v.to(device) for v in get_batch(B, args.image_size, args.seed, 0))
-    prompts = tokenize([IN_DIST_PROMPTS[i % len(IN_DIST_PROMPTS)] for i in range(n)], MAX_LEN)
-    null_tokens = tokenize([NULL_CAPTION], MAX_LEN).to(device)
-    noise = torch.randn(n, 3, args.image_size, args.image_size, device=device)
+    prompts = [IN_DIST_PROMPTS[i % len(IN_DIST_PROMPTS)] for i in range(n)]
     plain = {"dtype": "fp32", "compile": False, "channels_last": False}
     variants = {"fast": args, "plain": argparse.Namespace(**{**vars(args), **plain})}
-    jobs, losses, times = {}, {}, {name: ([], []) for name in variants}
-    for name, flags in variants.items():
-        run, losses[name] = setup(flags, device), []
-        train = partial(run.step, x0.contiguous(memory_format=run.memory_format), tokens, 0.999)
-        sample = partial(run.sample, run.sampler, prompts.to(device), null_tokens, noise,
-                         args.guidance_scale)  # fmt: skip
-        for i in range(args.bench_steps):  # warm-up (compilation)
-            seed_step(args.seed, i)
-            losses[name].append(train().item())
-        with run.ctx:
-            sample()
-        jobs[name] = (flags.dtype, run.ctx, train, sample)
+    runs = {name: setup(flags, device) for name, flags in variants.items()}
+    losses, times = {name: [] for name in runs}, {name: [] for name in runs}
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    for _ in range(3):  # alternate, so that clock or thermal drift hits both variants alike
-        for name, (dtype, ctx, train, sample) in jobs.items():
-            precision(dtype, device)  # TF32 on or off, as in that variant
-            for k, fn, repeat in ((0, train, args.bench_steps), (1, sample, 1)):
-                sync()
-                t0 = time.perf_counter()
-                with ctx:
-                    for _ in range(repeat):
-                        fn()
-                sync()
-                times[name][k].append((time.perf_counter() - t0) / repeat)
+    for _ in range(4):
+        for name, run in runs.items():
+            precision(variants[name].dtype, device)  # TF32 on or off, as in that variant
+            x = x0.contiguous(memory_format=run.memory_format)
+            sync()
+            t0 = time.perf_counter()
+            for i in range(args.bench_steps):
+                seed_step(args.seed, i)  # the same draws in both variants
+                losses[name].append(run.step(x, tokens, 0.999))
+            sync()
+            t1 = time.perf_counter()
+            with run.ctx:
+                generate(run.sampler, run.sample, prompts, 1, args.guidance_scale, args.seed)
+            times[name].append(((t1 - t0) / args.bench_steps, time.perf_counter() - t1))
     cuda = device.type == "cuda"
     hw = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{SCRIPT} --bench on {hw}, torch {torch.__version__}: train batch {B}, CFG sampling "
           f"of {n} images x {args.sample_steps} DDIM steps\n"
           "variant  train ms/step  train img/s  sample s  sample img/s")  # fmt: skip
-    (tf, sf), (tp, sp) = ([statistics.median(t) for t in times[k]] for k in ("fast", "plain"))
+    (tf, sf), (tp, sp) = ([statistics.median(t) for t in zip(*times[k][1:])] for k in runs)
     for name, step_s, sample_s in (("fast", tf, sf), ("plain", tp, sp)):
         print(
             f"{name:8} {1e3 * step_s:13.1f} {B / step_s:12.1f} {sample_s:9.3g} {n / sample_s:13.1f}"
         )
-    gaps = [abs(f - p) / p for f, p in zip(losses["fast"], losses["plain"])]
+    fast, plain = ([v.item() for v in losses[k][: args.bench_steps]] for k in runs)
+    gaps = [abs(f - p) / p for f, p in zip(fast, plain)]
     print(f"speed-up fast / plain: training {tp / tf:.2f}x, sampling {sp / sf:.2f}x\nloss, fast vs "
           f"plain, first {len(gaps)} steps: mean relative difference {statistics.mean(gaps):.2e}, "
           f"max {max(gaps):.2e}")  # fmt: skip
