@@ -66,7 +66,6 @@ import tempfile
 import textwrap
 import time
 from functools import cache, partial
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -511,9 +510,7 @@ def parse_caption(text):
         pos = " ".join(words[5:])
         ok = len(words) == 7 and words[0] == "a" and words[3:5] == ["at", "the"]
         if not (ok and words[1] in COLOURS and words[2] in SHAPES and pos in POSITIONS):
-            raise ValueError(
-                f"not in the grammar 'a COLOUR SHAPE at the top|bottom left|right': {part!r}"
-            )
+            raise ValueError(f"{part!r} is not 'a COLOUR SHAPE at the top|bottom left|right'")
         scene.append((words[1], words[2], pos))
     if len({pos for _, _, pos in scene}) != len(scene):
         raise ValueError(f"two objects at the same position: {text!r}")
@@ -653,9 +650,8 @@ def read_attributes(image, scene):
 
 
 def generate(model, sample, prompts, samples_per_prompt, guidance_scale, seed, **sample_kwargs):
-    """Images for every prompt, samples_per_prompt each, prompt-major: (P * n, 3, H, W) on the CPU.
-    The starting noise comes from a CPU generator seeded with `seed`: every guidance scale starts
-    from the same noise, on any device."""
+    """Images for every prompt, samples_per_prompt each, prompt-major: (P * n, 3, H, W) on the CPU,
+    from noise of a CPU generator seeded with `seed`: the same for every w, on any device."""
     device = next(model.parameters()).device
     captions = [p for p in prompts for _ in range(samples_per_prompt)]
     tokens = tokenize(captions, MAX_LEN).to(device)  # (P * n, S)
@@ -855,9 +851,9 @@ def setup(args, device):
     sample = partial(ddim_sample, alphas_cumprod=alphas_cumprod, steps=args.sample_steps,
                      interval=args.guidance_interval)  # fmt: skip
     sampler = torch.compile(ema) if args.compile else ema  # the EMA, compiled separately
-    return SimpleNamespace(model=model, ema=ema, optimizer=optimizer, scheduler=scheduler,
-                           scaler=scaler, step=step, sampler=sampler, sample=sample, ctx=ctx,
-                           dtype=dtype, memory_format=fmt)  # fmt: skip
+    return argparse.Namespace(model=model, ema=ema, optimizer=optimizer, scheduler=scheduler,
+                              scaler=scaler, step=step, sampler=sampler, sample=sample, ctx=ctx,
+                              dtype=dtype, memory_format=fmt)  # fmt: skip
 
 
 def main(argv=None):
@@ -892,12 +888,12 @@ def main(argv=None):
                     "step": step, "losses": losses, **parts}, ckpt_path + ".tmp")  # fmt: skip
         os.replace(ckpt_path + ".tmp", ckpt_path)
 
-    window, stop, stop_signal = [], False, StopSignal()
+    window, stop = [], False
     # the loop stops to check, log, save or evaluate only at multiples of these
     check_every = [args.log_every, args.save_every] + [args.eval_every] * bool(args.eval_every)
     bar = tqdm(total=args.max_steps, initial=step, desc="train", dynamic_ncols=True, leave=False)
     t_start = t_log = time.perf_counter()
-    try:
+    with StopSignal() as stop_signal, bar:  # restores the signal handlers, closes the bar
         while step < args.max_steps and not stop:
             seed_step(args.seed, step)
             x0, tokens = get_batch(args.batch_size, args.image_size, args.seed, step)
@@ -934,9 +930,6 @@ def main(argv=None):
                            f"{100 * fidelity(images, IN_DIST_PROMPTS, 1):.0f}% (w={w:g}, one "
                            "sample per prompt)")  # fmt: skip
             t_log = time.perf_counter()  # saves and checks stay out of ms/step
-    finally:
-        stop_signal.restore()
-        bar.close()
 
     save_loss_curve(losses, f"{args.out_dir}/loss.png", f"{SCRIPT}: Min-SNR-weighted eps MSE")
     if stop:
@@ -1125,19 +1118,21 @@ def seed_step(seed, step):
 
 
 class StopSignal:
-    """Ctrl-C (SIGINT) or SIGTERM (schedulers, `kill`) sets a flag, so the training loop can save a
-    checkpoint and exit cleanly at its next check. A second Ctrl-C aborts at once."""
+    """Inside `with StopSignal() as s:`, Ctrl-C (SIGINT) or SIGTERM (schedulers, `kill`) sets
+    s.requested, so the training loop can save a checkpoint and exit cleanly at its next check. A
+    second Ctrl-C aborts at once. On exit the previous handlers come back."""
 
-    def __init__(self):
+    def __enter__(self):
         self.requested = False
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
 
     def handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
 
-    def restore(self):
+    def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
@@ -1182,11 +1177,9 @@ def load_checkpoint(path, args):
 
 def pyplot():
     """matplotlib is imported only when a figure is drawn, so importing the script stays fast."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
+    plt.switch_backend("Agg")  # files only, no display needed
     return plt
 
 
