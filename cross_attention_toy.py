@@ -601,9 +601,7 @@ def read_quadrants(image):
     rgb = (image.float().cpu().clamp(-1, 1) + 1) / 2  # (3, H, W)
     labels = ((rgb[None] - palette[:, :, None, None]) ** 2).sum(1).argmin(0)  # (H, W)
     c = labels.shape[-1] // 2
-    return {
-        pos: labels[r * c : (r + 1) * c, k * c : (k + 1) * c] for pos, (r, k) in POSITIONS.items()
-    }
+    return {pos: labels.view(2, c, 2, c)[row, :, col] for pos, (row, col) in POSITIONS.items()}
 
 
 def best_shape(mask):
@@ -730,9 +728,8 @@ def attention_maps(model, sample, prompts, guidance_scale, seed):
 
 
 def run_experiments(ema, sample, args):
-    """The fidelity table (each w of --guidance-scales and the default w, then the default w
-    guided only in --eval-interval) and every figure, from the EMA weights: after training, or
-    from a checkpoint with --sample-only. Returns the table rows."""
+    """The fidelity table (each w of --guidance-scales and the default w, then the default w only
+    in --eval-interval) and every figure, from the EMA weights. Returns the table rows."""
     out, w, n, seed = args.out_dir, args.guidance_scale, args.eval_samples, args.seed
     table, images = [], {}  # images[scale]: one sample per prompt of PROMPTS
     for scale in sorted({*args.guidance_scales, w}):
@@ -1101,9 +1098,8 @@ def fail(message, code=2):
 
 
 def precision(name, device):
-    """(dtype, autocast context). bf16/fp16 autocast runs convs and matmuls in half precision,
-    norms, softmax and the loss in fp32; with fp32 the context is disabled, so one `with ctx:`
-    serves every precision. TF32 tensor cores only with mixed precision: fp32 stays true fp32."""
+    """(dtype, autocast context): bf16/fp16 run convs and matmuls in half precision, norms, softmax
+    and the loss in fp32; fp32 disables autocast (and TF32), so one `with ctx:` serves them all."""
     if name == "auto":
         name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
@@ -1118,9 +1114,8 @@ def seed_step(seed, step):
 
 
 class StopSignal:
-    """Inside `with StopSignal() as s:`, Ctrl-C (SIGINT) or SIGTERM (schedulers, `kill`) sets
-    s.requested, so the training loop can save a checkpoint and exit cleanly at its next check. A
-    second Ctrl-C aborts at once. On exit the previous handlers come back."""
+    """Inside `with StopSignal() as s:`, Ctrl-C or SIGTERM (schedulers, `kill`) sets s.requested,
+    so the loop saves and exits cleanly at its next check; a second Ctrl-C aborts at once."""
 
     def __enter__(self):
         self.requested = False
@@ -1222,11 +1217,9 @@ def save_loss_curve(losses, path, title):
 
 
 def benchmark(args, device):
-    """--bench: training steps and CFG sampling as the flags set them up ("fast") against the plain
-    setup (fp32, eager, NCHW), both built by setup() as a real run builds them, on the first
-    training batch. Round 0 warms up (compiles) and compares the losses (same weights, same random
-    draws); rounds 1-3 are timed, alternating the variants so that clock or thermal drift hits
-    both alike, and their medians reported."""
+    """--bench: training steps and CFG sampling as the flags set them up ("fast") vs plain (fp32,
+    eager, NCHW), both built by setup(), on the first batch. Round 0 warms up (compiles) and
+    compares losses (same weights and draws); medians of rounds 1-3, the variants alternating."""
     B, n = args.batch_size, args.bench_samples
     x0, tokens = (v.to(device) for v in get_batch(B, args.image_size, args.seed, 0))
     prompts = [IN_DIST_PROMPTS[i % len(IN_DIST_PROMPTS)] for i in range(n)]
@@ -1235,7 +1228,7 @@ def benchmark(args, device):
     runs = {name: setup(flags, device) for name, flags in variants.items()}
     losses, times = {name: [] for name in runs}, {name: [] for name in runs}
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    for _ in range(4):
+    for _ in range(4):  # alternating, so that clock or thermal drift hits both variants alike
         for name, run in runs.items():
             precision(variants[name].dtype, device)  # TF32 on or off, as in that variant
             x = x0.contiguous(memory_format=run.memory_format)
