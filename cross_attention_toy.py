@@ -1020,7 +1020,7 @@ def get_args(argv=None):
     add("--ema-decay", type=probability, default=0.995, help="EMA decay of the sampling weights")
     add("--log-every", type=positive_int, default=100, help="steps between logs and stop checks")
     add("--save-every", type=positive_int, default=250, help="steps between checkpoints")
-    add("--eval-every", type=nonnegative_int, default=200, help="steps per quick check (0: off)")
+    add("--eval-every", type=nonnegative_int, default=200, help="steps per fidelity check (0: off)")
     add("--resume", action="store_true", help="continue from --ckpt, or from --out-dir/ckpt.pt")
     add = p.add_argument_group("sampling and experiments").add_argument
     add("--guidance-scale", type=nonnegative_float, default=3.0,
