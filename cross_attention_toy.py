@@ -944,11 +944,6 @@ def main(argv=None):
 # Config
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of the whole usage block, exit code 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def checked(convert, is_valid, expected):
     """An argparse `type` that converts, then validates: one line naming the flag if bad."""
 
@@ -990,9 +985,10 @@ def caption(text):
 
 
 def get_args(argv=None):
-    p = ArgumentParser(prog=f"{SCRIPT}.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Text-conditioned diffusion with cross-attention on a "
-                                   "procedural caption set.")  # fmt: skip
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    description = "Text-conditioned diffusion with cross-attention on a procedural caption set."
+    p = argparse.ArgumentParser(f"{SCRIPT}.py", description=description, formatter_class=formatter)
+    p.error = fail  # one line instead of the whole usage block, exit code 2
     # fmt: off
     add = p.add_argument_group("data").add_argument
     add("--image-size", type=positive_int, default=16, help="image side, pixels (a multiple of 8)")
