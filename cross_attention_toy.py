@@ -1185,10 +1185,9 @@ def plot_grid(path, title, images, cols, titles=(), colours=(), row_labels=(), f
         ax.set(xticks=[], yticks=[])
         ax.spines[:].set_visible(False)  # no frames, but a row label stays visible
     for ax, image in zip(axes.flat, images):
-        if image is not None:  # an image: (3, H, W) in [-1, 1] -> (H, W, 3) in [0, 1]
-            image = (
-                (image.float().clamp(-1, 1) + 1).movedim(0, -1) / 2 if image.dim() == 3 else image
-            )
+        if image is not None and image.dim() == 3:  # (3, H, W) in [-1, 1] -> (H, W, 3) in [0, 1]
+            image = (image.float().clamp(-1, 1) + 1).movedim(0, -1) / 2
+        if image is not None:  # the colour map applies to attention maps (H, W) only
             ax.imshow(image.numpy(), cmap="inferno", vmin=0, vmax=1, interpolation="nearest")
     for ax, text, colour in zip(axes.flat, titles, colours or ["black"] * len(titles)):
         ax.set_title(text, fontsize=fontsize, color=colour)
