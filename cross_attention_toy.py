@@ -1,12 +1,12 @@
 """Text-conditioned diffusion through cross-attention, small enough to train on a laptop CPU.
 
-What it teaches: how a caption steers a diffusion model. A small transformer turns the words into
-token embeddings; inside the U-Net every image position asks "which words concern me?" through
-cross-attention (queries from image features, keys and values from text tokens, padding masked
-out). Classifier-free guidance uses the empty caption as the null condition. Because the images
-come from a known renderer (coloured circles, squares and triangles at named quadrants), a checker
-can read each generated image and decide whether it matches its caption, so prompt fidelity is a
-number, and a few colour-shape pairs never shown in training test whether the model composes words.
+What it teaches: how a caption steers a diffusion model. A small transformer encodes the words;
+inside the U-Net every image position asks "which words concern me?" through cross-attention
+(queries from image features, keys and values from text tokens, padding masked out), and
+classifier-free guidance uses the empty caption as its null condition. The images come from a
+known renderer (coloured shapes at named quadrants), so a checker reads each sample and says
+whether it matches its caption: prompt fidelity is a number, and colour-shape pairs never shown in
+training test whether the model composes words.
 
 What made composition work (held-out pairs at w = 3, 8 samples per prompt, the checker below):
 the first version's text encoder let every word attend to every other word, and its held-out
@@ -66,7 +66,6 @@ import tempfile
 import textwrap
 import time
 from functools import cache, partial
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -246,13 +245,11 @@ def sincos_2d(side, dim):
 
 
 def rotary_embedding(x, base=100.0):
-    """Rotary position embedding (Su et al. 2021, RoFormer) for x: (B, heads, L, d).
-
-    Channel pairs (i, i + d/2) of the token at position p are rotated by the angle p * f_i, so a
-    query-key dot product depends only on the offset between the two tokens. "The colour word four
-    tokens before me" is then one pattern for the first and the second object of a caption. Base
-    100 instead of the usual 10000 because our texts are only MAX_LEN = 16 tokens long.
-    """
+    """Rotary position embedding (Su et al. 2021, RoFormer) for x: (B, heads, L, d). Channel pairs
+    (i, i + d/2) of the token at position p are rotated by the angle p * f_i, so a query-key dot
+    product depends only on the offset between the two tokens: "the colour word four tokens before
+    me" is one pattern for the first and the second object of a caption. Base 100 instead of the
+    usual 10000 because our texts are only MAX_LEN = 16 tokens long."""
     half = x.shape[-1] // 2
     freqs = torch.exp(-math.log(base) * torch.arange(half, device=x.device) / half)  # (d/2,)
     angles = torch.arange(x.shape[-2], device=x.device)[:, None] * freqs[None]  # (L, d/2)
@@ -262,12 +259,9 @@ def rotary_embedding(x, base=100.0):
 
 
 class SelfAttention(nn.Module):
-    """Pre-norm multi-head self-attention with a residual: x + W_o Attn(LN(x)).
-
-    x: (B, L, D); attn_mask: optional (B, 1, L, L) bool, True where query i may attend to key j.
-    Used for the text tokens (with the clause mask and rotary positions) and for image positions
-    (no mask; their position embedding is added before, see UNetBlock).
-    """
+    """Pre-norm multi-head self-attention with a residual: x + W_o Attn(LN(x)). x: (B, L, D);
+    attn_mask: optional (B, 1, L, L) bool, True where query i may attend to key j. Used for the text
+    tokens (clause mask, rotary positions) and for image positions (no mask; see UNetBlock)."""
 
     def __init__(self, dim, heads, rotary=False):
         super().__init__()
@@ -297,8 +291,7 @@ class CrossAttention(nn.Module):
     mask:    (B, S) bool  True for real tokens, False for padding (M = -inf there, so padding gets
                           exactly zero weight); every row needs one True (our <start> token)
     Returns (out (B, L, D), weights (B, heads, L, S) if need_weights else None). The weights path
-    writes the softmax out for the attention maps; the normal path uses the fused kernel.
-    """
+    writes the softmax out for the attention maps; the normal path uses the fused kernel."""
 
     def __init__(self, dim, context_dim, heads):
         super().__init__()
@@ -330,17 +323,16 @@ class CrossAttention(nn.Module):
 class TextEncoder(nn.Module):
     """Word tokens -> contextual token embeddings: (B, S) -> (B, S, D).
 
-    Real systems put a large frozen pretrained encoder here: CLIP's text tower in Stable
-    Diffusion, T5-XXL in Imagen. Those know what "red" means before diffusion training starts. Our
-    language has 18 tokens, so a two-layer transformer trained jointly with the denoiser (the
-    diffusion loss is its only signal) is enough. Its job is binding: in "a red square at the top
-    left and a blue circle ...", "left" must carry "red square" and nothing of "blue circle".
-    Two choices do that. Rotary positions (in an earlier version, learned absolute positions
-    swapped colours between the objects: 62% in-distribution fidelity after 1200 steps, rotary
-    100%). And each token attends only to the tokens of its own clause (the words between two
-    "and"s): an object's words cannot leak into the other object, so a colour-shape pair never
-    seen together still binds like any other (the module docstring has the numbers).
-    """
+    Real systems put a large frozen pretrained encoder here (CLIP's text tower in Stable Diffusion,
+    T5-XXL in Imagen) that knows what "red" means before diffusion training starts. Our language
+    has 18 tokens, so a two-layer transformer trained jointly with the denoiser (the diffusion loss
+    is its only signal) is enough. Its job is binding: in "a red square at the top left and a blue
+    circle ...", "left" must carry "red square" and nothing of "blue circle". Two choices do that.
+    Rotary positions (in an earlier version, learned absolute positions swapped colours between the
+    objects: 62% in-distribution fidelity after 1200 steps, rotary 100%). And each token attends
+    only to the tokens of its own clause (the words between two "and"s): an object's words cannot
+    leak into the other object, so a colour-shape pair never seen together still binds like any
+    other (the module docstring has the numbers)."""
 
     def __init__(self, vocab_size, dim, depth, heads, and_id=AND_ID):
         super().__init__()
@@ -387,11 +379,9 @@ class ResBlock(nn.Module):
 
 
 class UNetBlock(nn.Module):
-    """ResBlock -> self-attention (if self_attn) -> cross-attention (if cross_attn).
-
-    Self-attention lets distant positions agree (one object per quadrant); cross-attention is the
-    only place where the caption enters the network.
-    """
+    """ResBlock -> self-attention (if self_attn) -> cross-attention (if cross_attn). Self-attention
+    lets distant positions agree (one object per quadrant); cross-attention is the only place where
+    the caption enters the network."""
 
     def __init__(self, in_ch, out_ch, t_dim, text_dim, heads, resolution, self_attn, cross_attn):
         super().__init__()
@@ -420,12 +410,10 @@ class UNetBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t, caption): a small U-Net whose attention blocks read the caption.
-
-    Levels run at image_size, image_size / 2, ...; each level is one UNetBlock on the way down and
-    one on the way up (taking the skip connection), with a UNetBlock with self- and cross-attention
-    in the middle. attn_res: resolutions with cross-attention; self_attn_res: with self-attention.
-    """
+    """eps_theta(x_t, t, caption): a small U-Net whose attention blocks read the caption. Levels run
+    at image_size, image_size / 2, ...; each level is one UNetBlock on the way down and one on the
+    way up (taking the skip connection), with a UNetBlock with self- and cross-attention in the
+    middle. attn_res: resolutions with cross-attention; self_attn_res: with self-attention."""
 
     def __init__(self, image_size, width, ch_mult, attn_res, self_attn_res, heads, vocab_size,
                  text_dim, text_depth, pad_id):  # fmt: skip
@@ -499,10 +487,8 @@ class UNet(nn.Module):
 
 
 def build_model(args):
-    return UNet(image_size=args.image_size, width=args.width, ch_mult=tuple(args.ch_mult),
-                attn_res=tuple(args.attn_res), self_attn_res=tuple(args.self_attn_res),
-                heads=args.heads, vocab_size=len(VOCAB), text_dim=args.text_dim,
-                text_depth=args.text_depth, pad_id=PAD_ID)  # fmt: skip
+    model_args = {key: getattr(args, key) for key in MODEL_ARGS if key != "timesteps"}
+    return UNet(**model_args, vocab_size=len(VOCAB), pad_id=PAD_ID)
 
 
 # -----------------------------------------------------------------------------
@@ -524,9 +510,7 @@ def parse_caption(text):
         pos = " ".join(words[5:])
         ok = len(words) == 7 and words[0] == "a" and words[3:5] == ["at", "the"]
         if not (ok and words[1] in COLOURS and words[2] in SHAPES and pos in POSITIONS):
-            raise ValueError(
-                f"not in the grammar 'a COLOUR SHAPE at the top|bottom left|right': {part!r}"
-            )
+            raise ValueError(f"{part!r} is not 'a COLOUR SHAPE at the top|bottom left|right'")
         scene.append((words[1], words[2], pos))
     if len({pos for _, _, pos in scene}) != len(scene):
         raise ValueError(f"two objects at the same position: {text!r}")
@@ -534,11 +518,9 @@ def parse_caption(text):
 
 
 def tokenize(captions, max_len):
-    """Word-level tokenizer: [<start>, word ids..., <pad>, ...] of length max_len per caption.
-
-    The <start> token is always there, so even the empty caption (the null condition) has one
-    token that attention can land on; a fully masked row would make softmax return NaN.
-    """
+    """Word-level tokenizer: [<start>, word ids..., <pad>, ...] of length max_len per caption. The
+    <start> token is always there, so even the empty caption (the null condition) has one token
+    that attention can land on; a fully masked row would make softmax return NaN."""
     ids = torch.full((len(captions), max_len), PAD_ID, dtype=torch.long)
     for i, text in enumerate(captions):
         words = text.lower().split()
@@ -551,55 +533,41 @@ def tokenize(captions, max_len):
     return ids  # (N, max_len)
 
 
-def shape_size(image_size):
+@cache
+def shape_templates(image_size):
+    """Every shape at every jitter offset inside a quadrant cell: (len(SHAPES), O * O, cell, cell)
+    bool, the shape's box at offset (dy, dx) in entry dy * O + dx. circle: the disc inscribed in
+    the box; square: the whole box; triangle: apex at the top centre, base along the bottom row."""
     cell = image_size // 2
-    return cell - max(1, cell // 8)  # 7 px in a 8 px cell for 16x16 images
-
-
-def jitter_offsets(image_size):
-    """The shape box sits inside its quadrant cell at one of a few offsets (pixels)."""
-    return range(image_size // 2 - shape_size(image_size) + 1)
-
-
-def shape_masks(shape_ids, top, left, size, canvas):
-    """Boolean masks (N, canvas, canvas) of shapes in size x size boxes with corners (top, left).
-
-    circle: the disc inscribed in the box; square: the whole box; triangle: apex at the top
-    centre, base along the bottom row.
-    """
-    grid = torch.arange(canvas, dtype=torch.float32)
-    y = grid.view(1, -1, 1) - top.view(-1, 1, 1).float()  # (N, canvas, 1), 0 at the box top
-    x = grid.view(1, 1, -1) - left.view(-1, 1, 1).float()  # (N, 1, canvas), 0 at the box left
+    size = cell - max(1, cell // 8)  # the box: 7 px in an 8 px cell for 16x16 images
+    offsets = torch.arange(cell - size + 1)  # where the box may sit inside the cell
+    dy, dx = (o.reshape(-1, 1, 1) for o in torch.meshgrid(offsets, offsets, indexing="ij"))
+    grid = torch.arange(cell, dtype=torch.float32)
+    y, x = grid.view(1, -1, 1) - dy, grid.view(1, 1, -1) - dx  # 0 at the box's top and left
     c = (size - 1) / 2
-    inside = (y >= 0) & (y < size) & (x >= 0) & (x < size)  # (N, canvas, canvas)
-    circle = (y - c) ** 2 + (x - c) ** 2 <= (size / 2) ** 2
-    triangle = (x - c).abs() <= (y + 1) / 2
-    sid = shape_ids.view(-1, 1, 1)
-    return inside & torch.where(sid == 0, circle, torch.where(sid == 1, inside, triangle))
+    square = (y >= 0) & (y < size) & (x >= 0) & (x < size)  # (O * O, cell, cell)
+    circle = square & ((y - c) ** 2 + (x - c) ** 2 <= (size / 2) ** 2)
+    triangle = square & ((x - c).abs() <= (y + 1) / 2)
+    return torch.stack([circle, square, triangle])  # in the order of SHAPES; read-only (cached)
 
 
 def render(scenes, image_size, rng=None):
     """Draw scenes as (N, 3, H, W) images in [-1, 1]; rng jitters each shape inside its cell."""
-    cell, size = image_size // 2, shape_size(image_size)
-    offsets = list(jitter_offsets(image_size))
-    objects = [(i, obj) for i, scene in enumerate(scenes) for obj in scene]
-    b, shape_ids, tops, lefts, colours = [], [], [], [], []
-    for i, (colour, shape, pos) in objects:
-        row, col = POSITIONS[pos]
-        dy, dx = (rng.choice(offsets), rng.choice(offsets)) if rng else (0, 0)
-        b.append(i)
-        shape_ids.append(SHAPES.index(shape))
-        tops.append(row * cell + dy)
-        lefts.append(col * cell + dx)
-        colours.append(COLOURS[colour])
-    background = torch.tensor(BACKGROUND)
-    canvas = background.view(1, 3, 1, 1).repeat(len(scenes), 1, image_size, image_size)
-    if objects:  # objects never overlap (one per cell), so painting is a sum
-        ids, tops, lefts = torch.tensor(shape_ids), torch.tensor(tops), torch.tensor(lefts)
-        masks = shape_masks(ids, tops, lefts, size, image_size)  # (N_obj, H, W)
-        colour_minus_bg = torch.tensor(colours) - background  # (N_obj, 3)
-        paint = masks[:, None] * colour_minus_bg[:, :, None, None]  # (N_obj, 3, H, W)
-        canvas.index_add_(0, torch.tensor(b), paint)
+    templates, cell = shape_templates(image_size), image_size // 2  # (S, O * O, cell, cell)
+    n = math.isqrt(templates.shape[1])  # O, offsets per axis
+    objects, colours = [], []  # (image, shape, offset, row, col) and RGB of every object
+    for i, scene in enumerate(scenes):
+        for colour, shape, pos in scene:
+            dy, dx = (rng.randrange(n), rng.randrange(n)) if rng else (0, 0)
+            objects.append((i, SHAPES.index(shape), dy * n + dx, *POSITIONS[pos]))
+            colours.append(COLOURS[colour])
+    canvas = torch.tensor(BACKGROUND)[:, None, None].repeat(len(scenes), 1, image_size, image_size)
+    if objects:  # paint all at once: at most one object per quadrant, so none overlap
+        i, shape, offset, row, col = torch.tensor(objects).T  # (N_obj,) each
+        quadrants = canvas.view(len(scenes), 3, 2, cell, 2, cell)  # [image, rgb, row, y, col, x]
+        colour_minus_bg = torch.tensor(colours) - torch.tensor(BACKGROUND)  # (N_obj, 3)
+        paint = templates[shape, offset][:, None] * colour_minus_bg[:, :, None, None]
+        quadrants[i, :, row, :, col] += paint  # (N_obj, 3, cell, cell)
     return canvas * 2 - 1  # [0, 1] -> [-1, 1]
 
 
@@ -623,32 +591,23 @@ def get_batch(batch_size, image_size, seed, step):
 # Each takes the model and `sample`, ddim_sample with its settings bound.
 MIN_IOU = 0.5  # a named object must overlap the renderer's shape this much (intersection/union)
 MAX_STRAY = 0.1  # at most this fraction of a quadrant may hold colours the caption did not ask for
+PROMPTS = IN_DIST_PROMPTS + HELD_OUT_PROMPTS  # the order of samples.png
 
 
-def read_image(image):
-    """Label every pixel with its nearest palette colour: (3, H, W) in [-1, 1] -> (H, W) ints,
-    0 = background, k = k-th colour of COLOURS."""
+def read_quadrants(image):
+    """Label every pixel with its nearest palette colour (0 = background, k = k-th colour of
+    COLOURS) and cut the labels into quadrants: (3, H, W) in [-1, 1] -> {position: (H/2, W/2)}."""
     palette = torch.tensor([BACKGROUND, *COLOURS.values()])  # (K, 3)
     rgb = (image.float().cpu().clamp(-1, 1) + 1) / 2  # (3, H, W)
-    dist = ((rgb[None] - palette[:, :, None, None]) ** 2).sum(1)  # (K, H, W)
-    return dist.argmin(0)
+    labels = ((rgb[None] - palette[:, :, None, None]) ** 2).sum(1).argmin(0)  # (H, W)
+    c = labels.shape[-1] // 2
+    return {pos: labels.view(2, c, 2, c)[row, :, col] for pos, (row, col) in POSITIONS.items()}
 
 
-@cache
-def shape_templates(image_size):
-    """Every shape at every jitter offset inside one quadrant cell, as the renderer draws them:
-    (len(SHAPES), offsets, cell, cell) bool. Built once per image size; read-only."""
-    cell, size = image_size // 2, shape_size(image_size)
-    offsets = torch.tensor(list(jitter_offsets(image_size)))
-    dy, dx = torch.meshgrid(offsets, offsets, indexing="ij")
-    dy, dx = dy.flatten(), dx.flatten()  # (O,)
-    masks = [shape_masks(torch.full_like(dy, s), dy, dx, size, cell) for s in range(len(SHAPES))]
-    return torch.stack(masks)  # (S, O, cell, cell)
-
-
-def best_shape(templates, mask):
+def best_shape(mask):
     """The renderer's shape that best matches a (cell, cell) bool mask (at the best jitter offset),
     or None if none overlaps it with IoU >= MIN_IOU."""
+    templates = shape_templates(2 * mask.shape[-1])  # (S, O, cell, cell)
     inter = (templates & mask).flatten(2).sum(-1).float()  # (S, O)
     union = (templates | mask).flatten(2).sum(-1).float()
     iou = (inter / union).amax(dim=1)  # (S,) best offset per shape
@@ -656,19 +615,13 @@ def best_shape(templates, mask):
 
 
 def check_image(image, scene):
-    """Does the image match the scene? Reads the pixels, knowing only the renderer's geometry.
-
-    For each named object: in its quadrant, the pixels of the named colour must match one of the
+    """Does the image match the scene? Reads the pixels, knowing only the renderer's geometry. For
+    each named object: in its quadrant, the pixels of the named colour must match one of the
     renderer's shapes (at any jitter offset) with IoU >= MIN_IOU, and the best match must be the
     named shape. Colours the caption did not ask for, in a named quadrant or in one the caption
-    does not mention, may cover at most MAX_STRAY of the quadrant.
-    """
-    labels = read_image(image)
-    cell = labels.shape[-1] // 2
-    templates = shape_templates(labels.shape[-1])  # (S, O, cell, cell)
+    does not mention, may cover at most MAX_STRAY of the quadrant."""
     named = {pos: (colour, shape) for colour, shape, pos in scene}
-    for pos, (row, col) in POSITIONS.items():
-        region = labels[row * cell : (row + 1) * cell, col * cell : (col + 1) * cell]
+    for pos, region in read_quadrants(image).items():
         if pos in named:
             colour, shape = named[pos]
             mask = region == list(COLOURS).index(colour) + 1  # pixels of the named colour
@@ -676,7 +629,7 @@ def check_image(image, scene):
             shape, mask = None, torch.zeros_like(region, dtype=torch.bool)
         if ((region != 0) & ~mask).float().mean() > MAX_STRAY:
             return False  # an object, or a colour, the caption did not ask for
-        if shape is not None and best_shape(templates, mask) != shape:
+        if shape is not None and best_shape(mask) != shape:
             return False
     return True
 
@@ -686,24 +639,17 @@ def read_attributes(image, scene):
     own. Colour: the most common non-background colour in the object's quadrant. Shape: the best
     match of all coloured pixels there, whatever their colour. Both right is a weaker test than
     check_image, which also wants the shape in the named colour and no other colours."""
-    labels = read_image(image)
-    cell = labels.shape[-1] // 2
-    templates = shape_templates(labels.shape[-1])
-    hits = []
+    hits, regions = [], read_quadrants(image)
     for colour, shape, pos in scene:
-        row, col = POSITIONS[pos]
-        region = labels[row * cell : (row + 1) * cell, col * cell : (col + 1) * cell]
-        coloured = region != 0
-        dominant = region[coloured].mode().values.item() if coloured.any() else 0
-        hits.append((dominant == list(COLOURS).index(colour) + 1,
-                     best_shape(templates, coloured) == shape))  # fmt: skip
+        coloured = regions[pos] != 0
+        dominant = regions[pos][coloured].mode().values.item() if coloured.any() else 0
+        hits.append((dominant == list(COLOURS).index(colour) + 1, best_shape(coloured) == shape))
     return hits
 
 
 def generate(model, sample, prompts, samples_per_prompt, guidance_scale, seed, **sample_kwargs):
-    """Images for every prompt, samples_per_prompt each, prompt-major: (P * n, 3, H, W) on the CPU.
-    The starting noise comes from a CPU generator seeded with `seed`: every guidance scale starts
-    from the same noise, on any device."""
+    """Images for every prompt, samples_per_prompt each, prompt-major: (P * n, 3, H, W) on the CPU,
+    from noise of a CPU generator seeded with `seed`: the same for every w, on any device."""
     device = next(model.parameters()).device
     captions = [p for p in prompts for _ in range(samples_per_prompt)]
     tokens = tokenize(captions, MAX_LEN).to(device)  # (P * n, S)
@@ -719,38 +665,25 @@ def fidelity(images, prompts, samples_per_prompt):
     return sum(check_image(img, s) for img, s in zip(images, scenes)) / len(scenes)
 
 
-def held_out_attributes(images, samples_per_prompt):
-    """Over the held-out objects (the HELD_OUT_PAIRS) of the HELD_OUT_PROMPTS images: how often
-    the colour is right, the shape is right, and both are."""
-    hits = []
-    prompts = [p for p in HELD_OUT_PROMPTS for _ in range(samples_per_prompt)]
-    for image, prompt in zip(images, prompts):
-        scene = parse_caption(prompt)
-        for hit, (colour, shape, _) in zip(read_attributes(image, scene), scene):
-            if (colour, shape) in HELD_OUT_PAIRS:
-                hits.append(hit)
-    colour, shape = (sum(h[i] for h in hits) / len(hits) for i in (0, 1))
-    return {"colour": colour, "shape": shape, "both": sum(c and s for c, s in hits) / len(hits)}
-
-
 def fidelity_row(model, sample, w, samples_per_prompt, seed, interval=None):
     """One row of the table at guidance scale w (guided only in `interval` if one is given), and
-    its images {"in_dist": (P * n, 3, H, W), "held_out": ...}."""
-    kwargs = {} if interval is None else {"interval": interval}
-    images = {
-        name: generate(model, sample, prompts, samples_per_prompt, w, seed, **kwargs)
-        for name, prompts in (("in_dist", IN_DIST_PROMPTS), ("held_out", HELD_OUT_PROMPTS))
-    }
-    row = {
-        "guidance_scale": w,
-        "interval": interval,
-        "in_dist": fidelity(images["in_dist"], IN_DIST_PROMPTS, samples_per_prompt),
-        "held_out": fidelity(images["held_out"], HELD_OUT_PROMPTS, samples_per_prompt),
-        "held_out_objects": held_out_attributes(images["held_out"], samples_per_prompt),
-        "n_in_dist": len(IN_DIST_PROMPTS) * samples_per_prompt,
-        "n_held_out": len(HELD_OUT_PROMPTS) * samples_per_prompt,
-    }
-    return row, images
+    its images, one per prompt of PROMPTS. held_out_objects: over the held-out objects (the
+    HELD_OUT_PAIRS) of the held-out images, how often the colour is right, the shape, and both."""
+    n, kwargs = samples_per_prompt, {} if interval is None else {"interval": interval}
+    sets = {"in_dist": IN_DIST_PROMPTS, "held_out": HELD_OUT_PROMPTS}
+    images = {k: generate(model, sample, ps, n, w, seed, **kwargs) for k, ps in sets.items()}
+    row = {"guidance_scale": w, "interval": interval}
+    row |= {k: fidelity(images[k], ps, n) for k, ps in sets.items()}
+    hits = []  # (colour right, shape right) per held-out object
+    for image, prompt in zip(images["held_out"], [p for p in HELD_OUT_PROMPTS for _ in range(n)]):
+        scene = parse_caption(prompt)
+        held_out = [(c, s) in HELD_OUT_PAIRS for c, s, _ in scene]
+        hits += [hit for hit, h in zip(read_attributes(image, scene), held_out) if h]
+    hits = torch.tensor(hits, dtype=torch.float64)  # (objects, 2)
+    (colour, shape), both = hits.mean(0).tolist(), hits.prod(1).mean().item()
+    row["held_out_objects"] = {"colour": colour, "shape": shape, "both": both}
+    row |= {f"n_{k}": len(ps) * n for k, ps in sets.items()}
+    return row, torch.cat([images["in_dist"], images["held_out"]])[::n]
 
 
 def format_table(rows, default_w):
@@ -760,12 +693,11 @@ def format_table(rows, default_w):
     )
     lines = [header, "-" * len(header)]
     for r in rows:
-        label = f"{r['guidance_scale']:g}"
+        o, label = r["held_out_objects"], f"{r['guidance_scale']:g}"
         if r["interval"] is not None:
             label += " in [{:g}, {:g}]".format(*r["interval"])
         elif r["guidance_scale"] == default_w:
             label += " *"
-        o = r["held_out_objects"]
         lines.append(
             f"{label:>20} | {100 * r['in_dist']:14.1f}% | {100 * r['held_out']:13.1f}% | "
             f"{100 * o['colour']:23.1f}%, {100 * o['shape']:.1f}%, {100 * o['both']:.1f}% "
@@ -777,52 +709,6 @@ def format_table(rows, default_w):
         "is in [lo, hi])"
     )
     return "\n".join(lines)
-
-
-def to_display(image):
-    return ((image.float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()  # (H, W, 3) in [0, 1]
-
-
-def plot_samples(images, prompts, samples_per_prompt, path, title):
-    """One sample per prompt with its caption as the title, green if the checker accepts it."""
-    plt = pyplot()
-    cols = 6
-    rows = math.ceil(len(prompts) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.6 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, prompt, img in zip(axes.flat, prompts, images[::samples_per_prompt]):
-        ok = check_image(img, parse_caption(prompt))
-        ax.imshow(to_display(img), interpolation="nearest")
-        ax.set_title(textwrap.fill(prompt, 28), fontsize=7, color="green" if ok else "red")
-    fig.suptitle(title, fontsize=9)
-    fig.subplots_adjust(hspace=0.45, wspace=0.05, top=0.92)  # room for three-line captions
-    save_figure(fig, path)
-
-
-def plot_guidance_sweep(images, table, samples_per_prompt, path):
-    """Rows: guidance scales; columns: prompts (same starting noise in every row)."""
-    plt = pyplot()
-    prompts = list(IN_DIST_PROMPTS[::2]) + list(HELD_OUT_PROMPTS[::2])
-    fig, axes = plt.subplots(len(table), len(prompts), squeeze=False,
-                             figsize=(1.6 * len(prompts), 1.8 * len(table)))  # fmt: skip
-    for i, r in enumerate(table):
-        w = r["guidance_scale"]
-        for j, prompt in enumerate(prompts):
-            name = "in_dist" if prompt in IN_DIST_PROMPTS else "held_out"
-            k = (IN_DIST_PROMPTS if name == "in_dist" else HELD_OUT_PROMPTS).index(prompt)
-            ax = axes[i, j]
-            ax.imshow(to_display(images[w][name][k * samples_per_prompt]), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                label = ("held out: " if name == "held_out" else "") + prompt
-                ax.set_title(textwrap.fill(label, 22), fontsize=5)
-        axes[i, 0].set_ylabel(
-            f"w={w:g}\nin {100 * r['in_dist']:.0f}%\nheld {100 * r['held_out']:.0f}%", fontsize=7
-        )
-    fig.suptitle("classifier-free guidance sweep (row label: prompt fidelity)")
-    save_figure(fig, path)
 
 
 def attention_maps(model, sample, prompts, guidance_scale, seed):
@@ -841,50 +727,11 @@ def attention_maps(model, sample, prompts, guidance_scale, seed):
     return images, (total / len(store)).cpu()  # (P, S, H, W)
 
 
-def plot_attention_maps(images, maps, prompts, path):
-    plt = pyplot()
-    words = [[START] + p.split() for p in prompts]
-    cols = 1 + max(len(w) for w in words)
-    fig, axes = plt.subplots(len(prompts), cols, squeeze=False,
-                             figsize=(1.3 * cols, 1.5 * len(prompts)))  # fmt: skip
-    for ax in axes.flat:
-        ax.axis("off")
-    for i, (img, ws) in enumerate(zip(images, words)):
-        axes[i, 0].imshow(to_display(img), interpolation="nearest")
-        axes[i, 0].set_title("sample", fontsize=7)
-        for j, word in enumerate(ws):
-            m = maps[i, j]
-            axes[i, j + 1].imshow((m / m.max()).numpy(), cmap="inferno", vmin=0, vmax=1)
-            axes[i, j + 1].set_title(word, fontsize=7)
-    fig.suptitle("cross-attention per word (mean over heads, steps, layers; each map scaled to its "
-                 "max)", fontsize=8)  # fmt: skip
-    save_figure(fig, path)
-
-
-def plot_prompt(model, sample, prompt, guidance_scale, seed, path, n=8):
-    """n samples for a caption given on the command line, with the checker's verdict."""
-    images = generate(model, sample, [prompt], n, guidance_scale, seed)
-    try:
-        scene = parse_caption(prompt)
-        verdict = f"{sum(check_image(x, scene) for x in images)}/{n} accepted by the checker"
-    except ValueError as e:  # known words outside the grammar: there is nothing to check against
-        verdict = f"not checked ({e})"
-    plt = pyplot()
-    fig, axes = plt.subplots(1, n, figsize=(1.5 * n, 2))
-    for ax, image in zip(axes, images):
-        ax.imshow(to_display(image), interpolation="nearest")
-        ax.axis("off")
-    fig.suptitle(f"{prompt!r}, w={guidance_scale:g}: {verdict}", fontsize=9)
-    save_figure(fig, path)
-    return verdict
-
-
 def run_experiments(ema, sample, args):
-    """The fidelity table (each w of --guidance-scales and the default w, then the default w
-    guided only in --eval-interval) and every figure, from the EMA weights: after training, or
-    from a checkpoint with --sample-only. Returns the table rows."""
+    """The fidelity table (each w of --guidance-scales and the default w, then the default w only
+    in --eval-interval) and every figure, from the EMA weights. Returns the table rows."""
     out, w, n, seed = args.out_dir, args.guidance_scale, args.eval_samples, args.seed
-    table, images = [], {}
+    table, images = [], {}  # images[scale]: one sample per prompt of PROMPTS
     for scale in sorted({*args.guidance_scales, w}):
         row, images[scale] = fidelity_row(ema, sample, scale, n, seed)
         table.append(row)
@@ -892,19 +739,47 @@ def run_experiments(ema, sample, args):
     print(format_table(table, w))
     with open(os.path.join(out, "fidelity.json"), "w") as f:
         json.dump({"default_guidance_scale": w, "rows": table}, f, indent=2)
+    # samples.png: one sample per prompt with its caption, green where the checker accepts it
     title = (
         f"w={w:g}: {len(IN_DIST_PROMPTS)} in-distribution prompts, then "
         f"{len(HELD_OUT_PROMPTS)} with held-out pairs (green title: the checker accepts)"
     )
-    both = torch.cat([images[w]["in_dist"], images[w]["held_out"]])
-    plot_samples(both, IN_DIST_PROMPTS + HELD_OUT_PROMPTS, n, f"{out}/samples.png", title)
-    plot_guidance_sweep(images, table[:-1], n, f"{out}/guidance_sweep.png")
+    ok = [check_image(x, parse_caption(p)) for x, p in zip(images[w], PROMPTS)]
+    titles, colours = [textwrap.fill(p, 28) for p in PROMPTS], ["green" if a else "red" for a in ok]
+    plot_grid(f"{out}/samples.png", title, images[w], 6, titles, colours)
+    # guidance_sweep.png: a row per scale, every other prompt, the same starting noise in each row
+    rows = table[:-1]
+    grid = [x for r in rows for x in images[r["guidance_scale"]][::2]]
+    titles = [
+        textwrap.fill(("held out: " if p in HELD_OUT_PROMPTS else "") + p, 22) for p in PROMPTS[::2]
+    ]
+    labels = [
+        f"w={r['guidance_scale']:g}\nin {r['in_dist']:.0%}\nheld {r['held_out']:.0%}" for r in rows
+    ]
+    title = "classifier-free guidance sweep (row label: prompt fidelity)"
+    plot_grid(
+        f"{out}/guidance_sweep.png", title, grid, len(titles), titles, row_labels=labels, fontsize=5
+    )
+    # attention_maps.png: the sample, then where it attends to each token, each map scaled to 1
     prompts = [args.prompt] if args.prompt else [IN_DIST_PROMPTS[0], IN_DIST_PROMPTS[8]]
-    maps = attention_maps(ema, sample, prompts, w, seed)
-    plot_attention_maps(*maps, prompts, f"{out}/attention_maps.png")
+    samples, maps = attention_maps(ema, sample, prompts, w, seed)
+    words = [[START, *p.split()] for p in prompts]
+    cols, grid, titles = 1 + max(map(len, words)), [], []
+    for x, m, ws in zip(samples, maps, words):
+        m, pad = m[: len(ws)], cols - 1 - len(ws)
+        grid += [x, *(m / m.amax(dim=(1, 2), keepdim=True)), *[None] * pad]
+        titles += ["sample", *ws, *[""] * pad]
+    title = "cross-attention per word (mean over heads, steps, layers; each map scaled to its max)"
+    plot_grid(f"{out}/attention_maps.png", title, grid, cols, titles)
     written = "fidelity.json, samples.png, guidance_sweep.png, attention_maps.png"
-    if args.prompt:
-        verdict = plot_prompt(ema, sample, args.prompt, w, seed, f"{out}/prompt.png")
+    if args.prompt:  # 8 samples of a caption from the command line, with the checker's verdict
+        grid = generate(ema, sample, [args.prompt], 8, w, seed)
+        try:
+            scene = parse_caption(args.prompt)
+            verdict = f"{sum(check_image(x, scene) for x in grid)}/8 accepted by the checker"
+        except ValueError as e:  # known words outside the grammar: there is nothing to check
+            verdict = f"not checked ({e})"
+        plot_grid(f"{out}/prompt.png", f"{args.prompt!r}, w={w:g}: {verdict}", grid, 8)
         print(f"--prompt {args.prompt!r}: {verdict}")
         written += ", prompt.png"
     print(f"wrote {written} to {out}")
@@ -919,12 +794,6 @@ def run_experiments(ema, sample, args):
 def update_ema(ema, model, decay):
     """ema = decay * ema + (1 - decay) * model, for all tensors in one multi-tensor kernel."""
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-
-
-def ema_decay_at(step, decay):
-    """EMA warm-up: early on the average would be stuck near the random init, so the effective
-    decay grows as (1 + step) / (10 + step) until it reaches the configured value."""
-    return min(decay, (1 + step) / (10 + step))
 
 
 def warmup_cosine(step, warmup_steps, total_steps, min_ratio=0.1):
@@ -947,9 +816,8 @@ def train_step(model, ema, optimizer, scaler, loss, ema_decay, grad_clip):
 
 
 def setup(args, device):
-    """Everything a run needs, built the same way for training, --sample-only and --bench: the
-    model (channels-last if asked), its EMA and their compiled copies, AdamW, the lr schedule, the
-    loss scaler, the autocast context, one training step and the sampler, settings bound."""
+    """Everything a run needs, built the same way for training, --sample-only and --bench: model,
+    EMA, optimizer, lr schedule, loss scaler, autocast context, a training step and the sampler."""
     dtype, ctx = precision(args.dtype, device)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     torch.manual_seed(args.seed)
@@ -980,16 +848,16 @@ def setup(args, device):
     sample = partial(ddim_sample, alphas_cumprod=alphas_cumprod, steps=args.sample_steps,
                      interval=args.guidance_interval)  # fmt: skip
     sampler = torch.compile(ema) if args.compile else ema  # the EMA, compiled separately
-    return SimpleNamespace(model=model, ema=ema, optimizer=optimizer, scheduler=scheduler,
-                           scaler=scaler, step=step, sampler=sampler, sample=sample, ctx=ctx,
-                           dtype=dtype, memory_format=fmt)  # fmt: skip
+    return argparse.Namespace(model=model, ema=ema, optimizer=optimizer, scheduler=scheduler,
+                              scaler=scaler, step=step, sampler=sampler, sample=sample, ctx=ctx,
+                              dtype=dtype, memory_format=fmt)  # fmt: skip
 
 
 def main(argv=None):
     args = get_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = torch.device(args.device)
     if args.bench:
         return benchmark(args, device)
     ckpt_path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
@@ -1010,23 +878,26 @@ def main(argv=None):
             run_experiments(run.sampler, run.sample, args)
         return run.model
 
-    def save():
+    def save():  # atomic: a kill during torch.save leaves the previous checkpoint as it was
         parts = {k: getattr(run, k).state_dict() for k in CHECKPOINT_PARTS}
         model_args = {key: getattr(args, key) for key in MODEL_ARGS}
-        save_checkpoint({"script": SCRIPT, "args": vars(args), "model_args": model_args,
-                         "step": step, "losses": losses, **parts}, ckpt_path)  # fmt: skip
+        torch.save({"script": SCRIPT, "args": vars(args), "model_args": model_args,
+                    "step": step, "losses": losses, **parts}, ckpt_path + ".tmp")  # fmt: skip
+        os.replace(ckpt_path + ".tmp", ckpt_path)
 
-    window, stop, stop_signal = [], False, StopSignal()
+    window, stop = [], False
     # the loop stops to check, log, save or evaluate only at multiples of these
     check_every = [args.log_every, args.save_every] + [args.eval_every] * bool(args.eval_every)
     bar = tqdm(total=args.max_steps, initial=step, desc="train", dynamic_ncols=True, leave=False)
     t_start = t_log = time.perf_counter()
-    try:
+    with StopSignal() as stop_signal, bar:  # restores the signal handlers, closes the bar
         while step < args.max_steps and not stop:
             seed_step(args.seed, step)
             x0, tokens = get_batch(args.batch_size, args.image_size, args.seed, step)
             x0, tokens = x0.to(device, memory_format=run.memory_format), tokens.to(device)
-            window.append(run.step(x0, tokens, ema_decay_at(step, args.ema_decay)))
+            # EMA warm-up: the decay grows as (1 + step) / (10 + step) up to --ema-decay, so that
+            # early on the average does not stay stuck near the random init
+            window.append(run.step(x0, tokens, min(args.ema_decay, (1 + step) / (10 + step))))
             step += 1
             bar.update()
             if step < args.max_steps and all(step % n for n in check_every):
@@ -1056,9 +927,6 @@ def main(argv=None):
                            f"{100 * fidelity(images, IN_DIST_PROMPTS, 1):.0f}% (w={w:g}, one "
                            "sample per prompt)")  # fmt: skip
             t_log = time.perf_counter()  # saves and checks stay out of ms/step
-    finally:
-        stop_signal.restore()
-        bar.close()
 
     save_loss_curve(losses, f"{args.out_dir}/loss.png", f"{SCRIPT}: Min-SNR-weighted eps MSE")
     if stop:
@@ -1076,23 +944,14 @@ def main(argv=None):
 # Config
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of the whole usage block, exit code 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def checked(convert, is_valid, expected):
-    """An argparse `type`: convert the text, then validate it, so that a bad value gets a one-line
-    error naming the flag, before any model is built."""
+    """An argparse `type` that converts, then validates: one line naming the flag if bad."""
 
     def parse(text):
-        try:
-            value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or not is_valid(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
+        with contextlib.suppress(ValueError):
+            if is_valid(value := convert(text)):
+                return value
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
 
     return parse
 
@@ -1126,48 +985,38 @@ def caption(text):
 
 
 def get_args(argv=None):
-    p = ArgumentParser(prog=f"{SCRIPT}.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Text-conditioned diffusion with cross-attention on a "
-                                   "procedural caption set.")  # fmt: skip
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    description = "Text-conditioned diffusion with cross-attention on a procedural caption set."
+    p = argparse.ArgumentParser(f"{SCRIPT}.py", description=description, formatter_class=formatter)
+    p.error = fail  # one line instead of the whole usage block, exit code 2
     # fmt: off
     add = p.add_argument_group("data").add_argument
-    add("--image-size", type=positive_int, default=16,
-        help="image side in pixels (a multiple of 8; the 2x2 position grid splits it)")
+    add("--image-size", type=positive_int, default=16, help="image side, pixels (a multiple of 8)")
     add = p.add_argument_group("model").add_argument
     add("--width", type=positive_int, default=24,
         help="base channels of the U-Net (a multiple of 8, for GroupNorm)")
     add("--ch-mult", type=int_list, default=[1, 2, 2],
         help="channel multiplier per U-Net level; each level halves the resolution")
-    add("--attn-res", type=int_list, default=[8, 4],
-        help="resolutions (pixels) whose blocks get cross-attention; the middle block has it")
-    add("--self-attn-res", type=int_list, default=[4],
-        help="resolutions whose blocks also get self-attention; the middle block always has it")
+    add("--attn-res", type=int_list, default=[8, 4], help="resolutions with cross-attention")
+    add("--self-attn-res", type=int_list, default=[4], help="resolutions with self-attention too")
     add("--heads", type=positive_int, default=4, help="attention heads everywhere")
     add("--text-dim", type=positive_int, default=64, help="text encoder width")
     add("--text-depth", type=positive_int, default=2, help="text encoder layers")
     add = p.add_argument_group("diffusion").add_argument
-    add("--timesteps", type=positive_int, default=1000,
-        help="T, number of discrete noise levels t = 0..T-1 (cosine schedule)")
-    add("--min-snr-gamma", type=nonnegative_float, default=5.0,
-        help="Min-SNR loss weight cap gamma (0 = plain eps MSE)")
+    add("--timesteps", type=positive_int, default=1000, help="T: noise levels t = 0..T-1 (cosine)")
+    add("--min-snr-gamma", type=nonnegative_float, default=5.0, help="Min-SNR cap (0: plain MSE)")
     add = p.add_argument_group("training").add_argument
-    add("--max-steps", type=positive_int, default=1000,
-        help="optimizer steps of the whole run (every batch is drawn fresh)")
+    add("--max-steps", type=positive_int, default=1000, help="optimizer steps, a fresh batch each")
     add("--batch-size", type=positive_int, default=64, help="images per step")
     add("--lr", type=positive_float, default=2e-3, help="peak AdamW learning rate")
-    add("--warmup-steps", type=nonnegative_int, default=100,
-        help="linear lr warm-up steps, then cosine decay to 10%% of --lr")
+    add("--warmup-steps", type=nonnegative_int, default=100, help="lr warm-up, then cosine to 10%%")
     add("--weight-decay", type=nonnegative_float, default=0.0, help="AdamW decay")
     add("--grad-clip", type=positive_float, default=1.0, help="max gradient norm")
-    add("--p-uncond", type=probability, default=0.1,
-        help="caption dropout: probability of training on the empty caption")
+    add("--p-uncond", type=probability, default=0.1, help="caption dropout: P(empty caption)")
     add("--ema-decay", type=probability, default=0.995, help="EMA decay of the sampling weights")
-    add("--log-every", type=positive_int, default=100,
-        help="steps between log lines and the checks for non-finite loss and Ctrl-C")
-    add("--save-every", type=positive_int, default=250,
-        help="steps between checkpoints (one is always written at the end)")
-    add("--eval-every", type=nonnegative_int, default=200,
-        help="steps between quick in-distribution fidelity checks (0 = only at the end)")
+    add("--log-every", type=positive_int, default=100, help="steps between logs and stop checks")
+    add("--save-every", type=positive_int, default=250, help="steps between checkpoints")
+    add("--eval-every", type=nonnegative_int, default=200, help="steps per fidelity check (0: off)")
     add("--resume", action="store_true", help="continue from --ckpt, or from --out-dir/ckpt.pt")
     add = p.add_argument_group("sampling and experiments").add_argument
     add("--guidance-scale", type=nonnegative_float, default=3.0,
@@ -1175,16 +1024,13 @@ def get_args(argv=None):
     add("--guidance-scales", type=float_list, default=[0.0, 1.0, 2.0, 3.0, 5.0],
         help="CFG scales of the fidelity table and guidance_sweep.png")
     add("--guidance-interval", type=interval_pair, default=(0.0, 1.0), metavar="LO,HI",
-        help="guide only while the noise level t / T is in [LO, HI] (Kynkaanniemi et al. 2024), "
-             "conditional elsewhere; 0,1 = the whole chain")
+        help="guide only for t / T in [LO, HI], conditional elsewhere (Kynkaanniemi et al. 2024)")
     add("--eval-interval", type=interval_pair, default=(0.0, 0.7), metavar="LO,HI",
         help="guidance interval of the fidelity table's extra row (default w)")
     add("--sample-steps", type=positive_int, default=25, help="DDIM steps")
     add("--eval-samples", type=positive_int, default=8, help="samples per prompt in the table")
-    add("--prompt", type=caption, default=None,
-        help="also generate images for this caption (words from the vocabulary)")
-    add("--sample-only", action="store_true",
-        help="no training: run the experiments from --ckpt (or --out-dir/ckpt.pt)")
+    add("--prompt", type=caption, default=None, help="also generate 8 images for this caption")
+    add("--sample-only", action="store_true", help="no training: run the experiments from --ckpt")
     add("--ckpt", default=None, help="checkpoint to read and write (default --out-dir/ckpt.pt)")
     add = p.add_argument_group("system").add_argument
     add("--out-dir", default="out/cross_attention_toy", help="checkpoint, figures and table")
@@ -1193,11 +1039,9 @@ def get_args(argv=None):
     add("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
         help="autocast precision; auto = bf16 on CUDA where supported, else fp32")
     add("--compile", action="store_true", help="torch.compile the model and the sampling EMA")
-    add("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-        help="NHWC memory format for the convolutions")
+    add("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC convs")
     add("--threads", type=nonnegative_int, default=0,
-        help="CPU threads (0 = PyTorch's default, one per core); on a CPU shared with other jobs "
-             "1 is often faster")
+        help="CPU threads (0 = one per core); on a CPU shared with other jobs 1 is often faster")
     add("--bench", action="store_true", help="time fast vs plain training and sampling, then exit")
     add("--bench-steps", type=positive_int, default=20, help="timed training steps per variant")
     add("--bench-samples", type=positive_int, default=64, help="images per timed sampling run")
@@ -1233,6 +1077,9 @@ def get_args(argv=None):
         p.error("choose at most one of --sample-only, --resume and --bench")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         p.error("this script trains in one process: start it with python, not torchrun")
+    if args.device == "auto":  # cuda > mps > cpu
+        mps = torch.backends.mps.is_available()
+        args.device = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     return args
 
 
@@ -1246,24 +1093,14 @@ def fail(message, code=2):
     raise SystemExit(code)
 
 
-def resolve_device(name):
-    """ "auto" picks cuda > mps > cpu."""
-    if name == "auto":
-        mps = torch.backends.mps.is_available()
-        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    return torch.device(name)
-
-
 def precision(name, device):
-    """(dtype, autocast context). bf16/fp16 autocast runs convs and matmuls in half precision,
-    norms, softmax and the loss in fp32; with fp32 the context is a no-op, so one `with ctx:`
-    serves every precision. TF32 tensor cores only with mixed precision: fp32 stays true fp32."""
+    """(dtype, autocast context): bf16/fp16 run convs and matmuls in half precision, norms, softmax
+    and the loss in fp32; fp32 disables autocast (and TF32), so one `with ctx:` serves them all."""
     if name == "auto":
         name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
     torch.set_float32_matmul_precision("highest" if dtype == torch.float32 else "high")
-    fp32 = dtype == torch.float32
-    return dtype, contextlib.nullcontext() if fp32 else torch.autocast(device.type, dtype=dtype)
+    return dtype, torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def seed_step(seed, step):
@@ -1273,26 +1110,26 @@ def seed_step(seed, step):
 
 
 class StopSignal:
-    """Ctrl-C (SIGINT) or SIGTERM (schedulers, `kill`) sets a flag, so the training loop can save a
-    checkpoint and exit cleanly at its next check. A second Ctrl-C aborts at once."""
+    """Inside `with StopSignal() as s:`, Ctrl-C or SIGTERM (schedulers, `kill`) sets s.requested,
+    so the loop saves and exits cleanly at its next check; a second Ctrl-C aborts at once."""
 
-    def __init__(self):
+    def __enter__(self):
         self.requested = False
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
 
     def handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
 
-    def restore(self):
+    def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
 
 def check_output_paths(out_dir, ckpt_path, writes_ckpt):
-    """Fail now, with one line, if the figures or the checkpoint could not be written later: an
-    --out-dir that is a file or read-only, or a --ckpt in a folder that does not exist."""
+    """Fail now, in one line, if the figures or the checkpoint could not be written later."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         fail(f"--out-dir {out_dir} is a file, not a folder")
     try:
@@ -1303,18 +1140,10 @@ def check_output_paths(out_dir, ckpt_path, writes_ckpt):
     if writes_ckpt and not os.path.isdir(ckpt_dir):
         fail(f"--ckpt {ckpt_path}: the folder {ckpt_dir} does not exist")
     for folder in (out_dir, ckpt_dir) if writes_ckpt else (out_dir,):
-        try:
-            with tempfile.TemporaryFile(dir=folder):  # a probe: can we create files there?
-                pass
+        try:  # a probe: can we create files there?
+            tempfile.TemporaryFile(dir=folder).close()
         except OSError as e:
             fail(f"cannot write to {folder} ({e.strerror})")
-
-
-def save_checkpoint(state, path):
-    """Atomic save: write a temporary file in the same folder, then rename it over the old one.
-    A crash or kill during torch.save leaves the previous checkpoint untouched."""
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
 
 
 def load_checkpoint(path, args):
@@ -1339,17 +1168,34 @@ def load_checkpoint(path, args):
 
 def pyplot():
     """matplotlib is imported only when a figure is drawn, so importing the script stays fast."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
+    plt.switch_backend("Agg")  # files only, no display needed
     return plt
 
 
-def save_figure(fig, path):
+def plot_grid(path, title, images, cols, titles=(), colours=(), row_labels=(), fontsize=7):
+    """Images in rows of `cols`: (3, H, W) in [-1, 1], an (H, W) attention map in [0, 1], or None
+    for an empty cell; optional titles (and their colours) per image, and labels per row."""
+    plt = pyplot()
+    rows = math.ceil(len(images) / cols)
+    size = (1.6 * cols, 1.9 * rows)
+    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False, layout="constrained")
+    for ax in axes.flat:
+        ax.set(xticks=[], yticks=[])
+        ax.spines[:].set_visible(False)  # no frames, but a row label stays visible
+    for ax, image in zip(axes.flat, images):
+        if image is not None and image.dim() == 3:  # (3, H, W) in [-1, 1] -> (H, W, 3) in [0, 1]
+            image = (image.float().clamp(-1, 1) + 1).movedim(0, -1) / 2
+        if image is not None:  # the colour map applies to attention maps (H, W) only
+            ax.imshow(image.numpy(), cmap="inferno", vmin=0, vmax=1, interpolation="nearest")
+    for ax, text, colour in zip(axes.flat, titles, colours or ["black"] * len(titles)):
+        ax.set_title(text, fontsize=fontsize, color=colour)
+    for ax, label in zip(axes[:, 0], row_labels):
+        ax.set_ylabel(label, fontsize=7)
+    fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=150, bbox_inches="tight")
-    pyplot().close(fig)
+    plt.close(fig)
 
 
 def save_loss_curve(losses, path, title):
@@ -1361,65 +1207,52 @@ def save_loss_curve(losses, path, title):
     ax.plot(range(window - 1, len(losses)), smooth, label=f"mean of {window} steps")
     ax.set(xlabel="step", ylabel="loss", yscale="log", title=title)
     ax.legend()
-    save_figure(fig, path)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
 
 
 def benchmark(args, device):
-    """--bench: the training step and CFG sampling of the configuration the flags select ("fast")
-    against the plain one (fp32, eager, NCHW), both built by setup() as a real run builds them,
-    on the first training batch; medians of three alternating rounds. The first --bench-steps
-    steps (the warm-up) also compare the losses, same weights and random draws."""
-    plain = argparse.Namespace(**{**vars(args), "dtype": "fp32", "compile": False,
-                                  "channels_last": False})  # fmt: skip
+    """--bench: training steps and CFG sampling as the flags set them up ("fast") vs plain (fp32,
+    eager, NCHW), both built by setup(), on the first batch. Round 0 warms up (compiles) and
+    compares losses (same weights and draws); medians of rounds 1-3, the variants alternating."""
     B, n = args.batch_size, args.bench_samples
     x0, tokens = (v.to(device) for v in get_batch(B, args.image_size, args.seed, 0))
-    prompts = tokenize([IN_DIST_PROMPTS[i % len(IN_DIST_PROMPTS)] for i in range(n)], MAX_LEN)
-    noise = torch.randn(n, 3, args.image_size, args.image_size, device=device)
-    null_tokens = tokenize([NULL_CAPTION], MAX_LEN).to(device)
-    runs, losses, times = {}, {}, {"fast": ([], []), "plain": ([], [])}
-    for name, variant in (("fast", args), ("plain", plain)):
-        run = runs[name] = setup(variant, device)
-        run.flags, losses[name] = variant, []
-        run.train = partial(run.step, x0.contiguous(memory_format=run.memory_format), tokens)
-        run.sample_all = partial(run.sample, run.sampler, prompts.to(device), null_tokens, noise,
-                                 args.guidance_scale)  # fmt: skip
-        for i in range(args.bench_steps):  # warm-up (compilation), the same draws in both
-            torch.manual_seed(i)
-            losses[name].append(run.train(0.999).item())
-        with run.ctx:
-            run.sample_all()
-    for _ in range(3):  # alternate, so that clock or thermal drift hits both variants alike
+    prompts = [IN_DIST_PROMPTS[i % len(IN_DIST_PROMPTS)] for i in range(n)]
+    plain = {"dtype": "fp32", "compile": False, "channels_last": False}
+    variants = {"fast": args, "plain": argparse.Namespace(**{**vars(args), **plain})}
+    runs = {name: setup(flags, device) for name, flags in variants.items()}
+    losses, times = {name: [] for name in runs}, {name: [] for name in runs}
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    for _ in range(4):  # alternating, so that clock or thermal drift hits both variants alike
         for name, run in runs.items():
-            precision(run.flags.dtype, device)  # TF32 on or off, as in that variant
-            times[name][0].append(timed(partial(run.train, 0.999), device, args.bench_steps))
+            precision(variants[name].dtype, device)  # TF32 on or off, as in that variant
+            x = x0.contiguous(memory_format=run.memory_format)
+            sync()
+            t0 = time.perf_counter()
+            for i in range(args.bench_steps):
+                seed_step(args.seed, i)  # the same draws in both variants
+                losses[name].append(run.step(x, tokens, 0.999))
+            sync()
+            t1 = time.perf_counter()
             with run.ctx:
-                times[name][1].append(timed(run.sample_all, device))
+                generate(run.sampler, run.sample, prompts, 1, args.guidance_scale, args.seed)
+            times[name].append(((t1 - t0) / args.bench_steps, time.perf_counter() - t1))
     cuda = device.type == "cuda"
     hw = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{SCRIPT} --bench on {hw}, torch {torch.__version__}: train batch {B}, CFG sampling "
           f"of {n} images x {args.sample_steps} DDIM steps\n"
           "variant  train ms/step  train img/s  sample s  sample img/s")  # fmt: skip
-    (tf, sf), (tp, sp) = ([statistics.median(t) for t in times[k]] for k in ("fast", "plain"))
+    (tf, sf), (tp, sp) = ([statistics.median(t) for t in zip(*times[k][1:])] for k in runs)
     for name, step_s, sample_s in (("fast", tf, sf), ("plain", tp, sp)):
         print(
             f"{name:8} {1e3 * step_s:13.1f} {B / step_s:12.1f} {sample_s:9.3g} {n / sample_s:13.1f}"
         )
-    gaps = [abs(f - p) / p for f, p in zip(losses["fast"], losses["plain"])]
+    fast, plain = ([v.item() for v in losses[k][: args.bench_steps]] for k in runs)
+    gaps = [abs(f - p) / p for f, p in zip(fast, plain)]
     print(f"speed-up fast / plain: training {tp / tf:.2f}x, sampling {sp / sf:.2f}x\nloss, fast vs "
           f"plain, first {len(gaps)} steps: mean relative difference {statistics.mean(gaps):.2e}, "
           f"max {max(gaps):.2e}")  # fmt: skip
     return times, losses
-
-
-def timed(fn, device, repeat=1):
-    """Seconds per call of fn, over `repeat` back-to-back calls, the device synchronised."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    sync()
-    return (time.perf_counter() - t0) / repeat
 
 
 if __name__ == "__main__":

@@ -1062,6 +1062,19 @@ def test_cat_caption_dropout_rate():
     assert torch.equal(some[~dropped], tokens[~dropped]), "kept captions stay unchanged"
 
 
+def test_cat_step_seed_is_a_function_of_seed_and_step():
+    """Each training step's draws (t, noise, caption dropout) depend on (seed, step) alone: the
+    same pair repeats them (exact resume), another seed or step draws differently."""
+
+    def draw(seed, step):
+        cat.seed_step(seed, step)
+        return torch.randn(8)
+
+    assert torch.equal(draw(0, 5), draw(0, 5))
+    for other in [(1, 5), (0, 6)]:
+        assert not torch.equal(draw(0, 5), draw(*other)), other
+
+
 class PointMassCaptions(torch.nn.Module):
     """The exact eps for data that is a point mass per caption: prompt i's data is points[i], the
     empty caption's is `null_point`. Records every x_t it sees."""
