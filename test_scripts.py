@@ -1404,11 +1404,16 @@ def test_bad_checkpoints_exit_2_with_one_line(name, tmp_path, capsys, monkeypatc
     truncated, foreign = tmp_path / "truncated.pt", tmp_path / "foreign.pt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     torch.save({"model": {}}, foreign)
+    stale = tmp_path / "stale.pt"  # a parameter renamed, as by a change of the network
+    ckpt = torch.load(good, weights_only=True)
+    ckpt["model"]["renamed"] = ckpt["model"].popitem()[1]
+    torch.save(ckpt, stale)
     width_flag, width = ("--base-ch", "12") if name == "ddpm_cifar_cfg" else ("--width", "48")
     cases = [
         (["--ckpt", str(tmp_path / "missing.pt")], f"no checkpoint at {tmp_path / 'missing.pt'}"),
         (["--ckpt", str(truncated)], f"{truncated} is not a readable checkpoint"),
         (["--ckpt", str(foreign)], f"{foreign} was not written by {name}.py"),
+        (["--ckpt", str(stale)], f"{stale} holds the network of another version of {name}.py"),
         ([width_flag, width], f"was trained with {width_flag} "),
     ]
     for extra, message in cases:
