@@ -442,10 +442,8 @@ class UNet(nn.Module):
         for i in reversed(range(len(chans))):
             c, res = chans[i], resolutions[i]
             self.up.append(block(ch + c, c, res))
-            # convolve at the coarse resolution, then repeat each pixel 2x2: a quarter of the
-            # cost of convolving after the upsampling, and it composed better in our runs
-            upsample = nn.Sequential(nn.Conv2d(c, chans[i - 1], 3, padding=1),
-                                     nn.Upsample(scale_factor=2, mode="nearest"))  # fmt: skip
+            upsample = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                     nn.Conv2d(c, chans[i - 1], 3, padding=1))  # fmt: skip
             self.upsample.append(nn.Identity() if i == 0 else upsample)
             ch = c if i == 0 else chans[i - 1]
         self.norm_out = nn.GroupNorm(8, ch)
