@@ -72,7 +72,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from matplotlib.figure import Figure
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -484,7 +483,7 @@ def plot_class_embeddings(model, path):
     centred = emb - emb.mean(axis=0)
     _, s, vt = np.linalg.svd(centred, full_matrices=False)
     pcs = centred @ vt[:2].T  # (11, 2) coordinates along the first two principal axes
-    fig = Figure(figsize=(17, 4.5), layout="constrained")
+    fig = figure(figsize=(17, 4.5), layout="constrained")
     ax0, ax1, ax2 = fig.subplots(1, 3)
     fig.colorbar(ax0.imshow(emb, aspect="auto", cmap="coolwarm", interpolation="nearest"), ax=ax0)
     ax0.set(title="Class embedding matrix (rows: labels)", xlabel="dimension")
@@ -647,7 +646,7 @@ def report_eval(rows, out_dir):
             values = [r["accuracy"], r["confidence"], r["diversity"], *r["per_class"]]
             writer.writerow([label, *values])
             print(f"{label:>15}" + "".join(f"{v:11.3f}" for v in values))
-    fig = Figure(figsize=(16, 4))
+    fig = figure(figsize=(16, 4))
     axes = fig.subplots(1, 3)
     full = [r for r in rows[1:] if r["interval"] is None]
     for part, style in ((full, "o-"), ([r for r in rows if r["interval"]], "s--")):
@@ -1090,6 +1089,13 @@ def load_checkpoint(path, args):
     return ckpt
 
 
+def figure(**kwargs):
+    """A matplotlib Figure for files, no pyplot; imported here, so importing the script is fast."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
 def save_image_grid(images, path, title, row_labels, col_labels=None):
     """Save images (rows * cols, 1, H, W) in [-1, 1], one row per row label, as a labelled PNG."""
     (n, c, h, w), nrow = images.shape, len(row_labels)
@@ -1097,7 +1103,7 @@ def save_image_grid(images, path, title, row_labels, col_labels=None):
     x = F.pad((images.float().cpu().clamp(-1, 1) + 1) / 2, (1, 1, 1, 1), value=1.0)
     h, w = h + 2, w + 2  # with a one-pixel white frame
     x = x.view(nrow, ncol, c, h, w).permute(0, 3, 1, 4, 2).reshape(nrow * h, ncol * w, c)
-    ax = Figure(figsize=(1 + 0.8 * ncol, 0.8 + 0.8 * nrow)).subplots()
+    ax = figure(figsize=(1 + 0.8 * ncol, 0.8 + 0.8 * nrow)).subplots()
     ax.imshow(x.squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1)
     ax.set_xticks([w * (i + 0.5) for i in range(ncol)] if col_labels else [], col_labels or [])
     ax.set_yticks([h * (i + 0.5) for i in range(nrow)], row_labels)
@@ -1107,7 +1113,7 @@ def save_image_grid(images, path, title, row_labels, col_labels=None):
 
 
 def save_loss_curve(losses, path):
-    ax = Figure(figsize=(6, 3.5)).subplots()
+    ax = figure(figsize=(6, 3.5)).subplots()
     ax.plot(losses, lw=0.5, alpha=0.4, label="per step")
     window = max(1, len(losses) // 50)
     smooth = torch.tensor(losses).unfold(0, window, 1).mean(1)
