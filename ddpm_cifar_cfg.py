@@ -507,11 +507,12 @@ def get_classifier(args, images, labels, device):
     except Exception:  # missing, unreadable or another network: train a new one
         pass
     t0, g, H, W = time.time(), torch.Generator().manual_seed(seed), *images.shape[-2:]
-    optimizer = torch.optim.AdamW(classifier.parameters(), 2e-3, weight_decay=1e-4)
-    total = epochs * math.ceil(len(images) / 128)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 2e-3, total_steps=total)
+    batch_size, lr = 128, 2e-3
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr, weight_decay=1e-4)
+    total = epochs * math.ceil(len(images) / batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=total)
     for _ in range(epochs):
-        for idx in torch.randperm(len(images), generator=g).split(128):  # batches of 128
+        for idx in torch.randperm(len(images), generator=g).split(batch_size):
             padded = F.pad(images[idx].float() / 127.5 - 1, (2, 2, 2, 2), value=-1.0)
             dy, dx = torch.randint(0, 5, (2, len(idx)), generator=g).tolist()
             x = torch.stack([p[:, i : i + H, j : j + W] for p, i, j in zip(padded, dy, dx)])
