@@ -1021,8 +1021,9 @@ def load_checkpoint(path, args):
             value = ",".join(map(str, saved)) if isinstance(saved, list) else saved
             fail(f"{path} was trained with {flag} {value}; leave {flag} out or pass {flag} {value}")
         setattr(args, key, saved)
-    with torch.device("meta"):  # the parameter names and shapes of the network these flags build
-        expected = {k: v.shape for k, v in build_model(args).state_dict().items()}
+    # the parameter names and shapes of the network these flags build (built on the CPU: under a
+    # second, where the meta device's weight init would first import torch._dynamo, ~3 s)
+    expected = {k: v.shape for k, v in build_model(args).state_dict().items()}
     if {k: v.shape for k, v in ckpt["model"].items()} != expected:
         fail(f"{path} holds the network of another version of {SCRIPT}.py; train again")
     return ckpt

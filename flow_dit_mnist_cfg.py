@@ -1082,8 +1082,9 @@ def load_checkpoint(path, args):
         if key in args.given and getattr(args, key) != saved:
             fail(f"{path} was trained with {flag} {saved}; leave {flag} out or pass {flag} {saved}")
         setattr(args, key, saved)
-    with torch.device("meta"):  # the parameter names and shapes of the network these flags build
-        expected = {k: v.shape for k, v in build_model(args).state_dict().items()}
+    # the parameter names and shapes of the network these flags build (built on the CPU: under a
+    # second, where the meta device's weight init would first import torch._dynamo, ~3 s)
+    expected = {k: v.shape for k, v in build_model(args).state_dict().items()}
     if {k: v.shape for k, v in ckpt["model"].items()} != expected:
         fail(f"{path} holds the network of another version of {SCRIPT}.py; train again")
     return ckpt
