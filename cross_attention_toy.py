@@ -189,9 +189,10 @@ def guided_eps(model, x, t, tokens, null_tokens, guidance_scale, attn_store=None
     w = 1 is the plain conditional prediction, w = 0 the unconditional one (empty caption), w > 1
     pushes further toward the caption. Both come from ONE batched forward pass over [cond; uncond].
     x: (B, 3, H, W); tokens: (B, S); null_tokens: (1, S)."""
-    if guidance_scale == 1:  # the plain conditional prediction: no unconditional half needed
-        return model(x, t, tokens, attn_store).float()
     B = x.shape[0]
+    if guidance_scale in (0, 1):  # one prediction alone: the conditional (1) or unconditional (0)
+        tokens = tokens if guidance_scale == 1 else null_tokens.expand(B, -1)
+        return model(x, t, tokens, attn_store).float()
     both = torch.cat([tokens, null_tokens.expand(B, -1)])  # (2B, S)
     eps = model(torch.cat([x, x]), torch.cat([t, t]), both, attn_store).float()  # (2B, 3, H, W)
     eps_cond, eps_uncond = eps.chunk(2)
@@ -721,7 +722,7 @@ def attention_maps(model, sample, prompts, guidance_scale, seed):
     images = generate(model, sample, prompts, 1, guidance_scale, seed, attn_store=store)
     image_size = images.shape[-1]
     P, total = len(prompts), 0
-    for weights in store:  # (2P, heads, h*w, S) per layer and step; the first P rows are cond
+    for weights in store:  # (2P or P, heads, h*w, S) per layer and step; the prompts first
         w = weights[:P].float().mean(1)  # (P, h*w, S)
         side = int(math.isqrt(w.shape[1]))
         w = w.transpose(1, 2).reshape(P, -1, side, side)  # (P, S, h, w)
@@ -1165,8 +1166,9 @@ def load_checkpoint(path, args):
             value = ",".join(map(str, saved)) if isinstance(saved, list) else saved
             fail(f"{path} was trained with {flag} {value}; leave {flag} out or pass {flag} {value}")
         setattr(args, key, saved)
-    with torch.device("meta"):  # the parameter names and shapes of the network these flags build
-        expected = {k: v.shape for k, v in build_model(args).state_dict().items()}
+    # the parameter names and shapes of the network these flags build (built on the CPU: under a
+    # second, where the meta device's weight init would first import torch._dynamo, ~3 s)
+    expected = {k: v.shape for k, v in build_model(args).state_dict().items()}
     if {k: v.shape for k, v in ckpt["model"].items()} != expected:
         fail(f"{path} holds the network of another version of {SCRIPT}.py; train again")
     return ckpt
