@@ -772,8 +772,8 @@ def test_flow_guided_sampler_lands_on_the_guided_gaussian(w):
 def test_flow_fidelity_is_chance_for_shuffled_labels():
     """The --eval numbers must mean something: on real digits the classifier agrees with the
     labels, and with shuffled labels the same images score like chance."""
-    images, labels = flow.make_synthetic(2000, seed=0)
-    classifier = flow.train_classifier(images, labels, 3, seed=0, device="cpu")
+    images, labels = flow.make_synthetic(500, seed=0)
+    classifier = flow.train_classifier(images, labels, 4, seed=0, device="cpu", batch_size=32)
     images, y = flow.make_synthetic(500, seed=1)  # held out
     x = flow.to_model_range(images)
     shuffled = y[torch.randperm(500, generator=torch.Generator().manual_seed(0))]
@@ -1228,14 +1228,16 @@ def wait_for(path, timeout=90):
 
 
 def start_long_run(name, out_dir):
-    """A training run that saves a checkpoint every few steps and would run for long."""
+    """A training run that saves a checkpoint every few steps and would run for long: (process,
+    out_dir)."""
     if name == "cross_attention_toy":
         length = ["--max-steps", "1000000", "--save-every", "2"]
     else:  # a checkpoint every epoch of two steps
         length = ["--synthetic-size", "16", "--epochs", "100000"]
     flags = TINY[name] + length + ["--out-dir", str(out_dir)]
-    return subprocess.Popen([sys.executable, str(HERE / f"{name}.py"), *flags], cwd=HERE, env=ENV,
+    proc = subprocess.Popen([sys.executable, str(HERE / f"{name}.py"), *flags], cwd=HERE, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return proc, out_dir
 
 
 class Killed(BaseException):
@@ -1263,18 +1265,25 @@ def test_death_during_a_save_keeps_the_previous_checkpoint(name, tmp_path, monke
     assert ckpt["step"] == 2 and ckpt["script"] == name
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
-def test_ctrl_c_saves_and_exits_cleanly(name, tmp_path):
-    proc = start_long_run(name, tmp_path)
-    try:
-        wait_for(tmp_path / "ckpt.pt")
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
+@pytest.fixture(scope="module")
+def long_runs(tmp_path_factory):
+    """{name: (process, out_dir)}: the long runs of all three scripts, started together so that
+    their start-ups (importing torch, building data and model) overlap instead of adding up."""
+    runs = {name: start_long_run(name, tmp_path_factory.mktemp(name)) for name in SCRIPTS}
+    yield runs
+    for proc, _ in runs.values():
         proc.kill()
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_ctrl_c_saves_and_exits_cleanly(name, long_runs):
+    proc, out_dir = long_runs[name]
+    wait_for(out_dir / "ckpt.pt")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    step = torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"]
-    assert f"interrupted at step {step}: saved {tmp_path / 'ckpt.pt'}" in out
+    step = torch.load(out_dir / "ckpt.pt", weights_only=True)["step"]
+    assert f"interrupted at step {step}: saved {out_dir / 'ckpt.pt'}" in out
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
