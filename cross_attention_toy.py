@@ -46,9 +46,9 @@ guidance_sweep.png, attention_maps.png, and prompt.png for --prompt.
 Measured (README.md has the commands and the whole table): on a 2-core AMD EPYC CPU (torch
 2.14.1, two threads) the default flags train 1000 steps in 108-111 s (about 105 ms per step, the
 first version 186 ms) and the whole run, with the fidelity table and figures, takes 137-148 s.
-At w = 0 (unconditional) fidelity is 0%. The same host in a later session ran about 2.7 times
-slower: 266 ms per step, 5 min 51 s for the whole run (seed 0: 99.2% / 98.4% at w = 3), and the
-first version 643-690 ms per step in --bench (this one 288-300). GPU: not measured.
+At w = 0 (unconditional) fidelity is 0%. The same host in later sessions ran 2.4-2.7 times
+slower: 250-266 ms per step, 5 min 22 s to 5 min 51 s for the whole run (seed 0: 99.2% / 98.4% at
+w = 3), and the first version 541-690 ms per step in --bench (this one 251-300). GPU: not measured.
 
 Left out on purpose: a pretrained frozen text encoder (CLIP / T5), latent space (VAE), learned
 variances, v-prediction, and multi-GPU training (16x16 images train in minutes on one device).
