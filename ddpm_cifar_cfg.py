@@ -588,11 +588,11 @@ def report_eval(rows, class_names, interval, out_dir):
     axes = fig.subplots(1, 3)
     whole, inside = ([r for r in rows[1:] if r["interval"] == i] for i in (None, interval))
     guided = "in [{:g}, {:g}]".format(*interval)
-    for part, style, name in ((whole, "o-", "whole chain"), (inside, "s--", guided)):
-        for ax, key in zip(axes, ("accuracy", "diversity")):
+    for ax, key in zip(axes, ("accuracy", "diversity")):
+        for part, style, name in ((whole, "o-", "whole chain"), (inside, "s--", guided)):
             if part:
                 ax.plot([r["w"] for r in part], [r[key] for r in part], style, label=name)
-            ax.axhline(rows[0][key], ls=":", c="k")  # the real images
+        ax.axhline(rows[0][key], ls=":", c="k")  # the real images
     for c, name in enumerate(class_names):
         axes[2].plot([r["w"] for r in whole], [r["per_class"][c] for r in whole], "o-", label=name)
     titles = ("classified as requested", "diversity (dotted: real images)", "accuracy per class")

@@ -655,7 +655,8 @@ def report_eval(rows, out_dir):
         name = "whole path" if part is full else labels[rows.index(part[0])].split(" ", 1)[1]
         for ax, key in zip(axes, ("accuracy", "diversity")):
             ax.plot([r["w"] for r in part], [r[key] for r in part], style, label=name)
-            ax.axhline(rows[0][key], ls=":", c="k")
+    for ax, key in zip(axes, ("accuracy", "diversity")):
+        ax.axhline(rows[0][key], ls=":", c="k")  # the real images, once per panel
     for c, name in enumerate(DIGITS):
         axes[2].plot([r["w"] for r in full], [r["per_class"][c] for r in full], "o-", label=name)
     titles = ("classified as requested", "diversity (dotted: real images)", "accuracy per class")
