@@ -1117,7 +1117,7 @@ def test_cat_ddim_is_exact_for_point_masses(w):
     tokens = cat.tokenize(prompts, cat.MAX_LEN)
     x = cat.ddim_sample(model, tokens, model.null_tokens, noise, w, abar, 6)
     torch.testing.assert_close(x, null_point + w * (points - null_point), rtol=0, atol=1e-4)
-    assert len(model.seen) == 6, "one batched [cond; uncond] pass per step"
+    assert len(model.seen) == 6, "one forward pass per step ([cond; uncond] batched for w > 1)"
     if w == 1.0:
         timesteps = torch.linspace(999, 0, 6).round().long()
         for x_t, t in zip(model.seen, timesteps):
@@ -1228,16 +1228,14 @@ def wait_for(path, timeout=90):
 
 
 def start_long_run(name, out_dir):
-    """A training run that saves a checkpoint every few steps and would run for long: (process,
-    out_dir)."""
+    """A training run that saves a checkpoint every few steps and would run for long."""
     if name == "cross_attention_toy":
         length = ["--max-steps", "1000000", "--save-every", "2"]
     else:  # a checkpoint every epoch of two steps
         length = ["--synthetic-size", "16", "--epochs", "100000"]
     flags = TINY[name] + length + ["--out-dir", str(out_dir)]
-    proc = subprocess.Popen([sys.executable, str(HERE / f"{name}.py"), *flags], cwd=HERE, env=ENV,
+    return subprocess.Popen([sys.executable, str(HERE / f"{name}.py"), *flags], cwd=HERE, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    return proc, out_dir
 
 
 class Killed(BaseException):
@@ -1269,7 +1267,8 @@ def test_death_during_a_save_keeps_the_previous_checkpoint(name, tmp_path, monke
 def long_runs(tmp_path_factory):
     """{name: (process, out_dir)}: the long runs of all three scripts, started together so that
     their start-ups (importing torch, building data and model) overlap instead of adding up."""
-    runs = {name: start_long_run(name, tmp_path_factory.mktemp(name)) for name in SCRIPTS}
+    out_dirs = {name: tmp_path_factory.mktemp(name) for name in SCRIPTS}
+    runs = {name: (start_long_run(name, out_dir), out_dir) for name, out_dir in out_dirs.items()}
     yield runs
     for proc, _ in runs.values():
         proc.kill()
