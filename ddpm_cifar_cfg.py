@@ -126,10 +126,11 @@ def guided_eps(model, x, t, class_emb, null_emb, guidance_scale):
     """Classifier-free guidance (Ho & Salimans 2022): eps = eps_uncond + w (eps_cond - eps_uncond).
     w = 1 is the plain conditional prediction, w = 0 the unconditional one, w > 1 pushes samples
     further towards the class. Both predictions come from ONE batched forward pass (only the
-    conditional one at w = 1)."""
-    if guidance_scale == 1:
-        return model(x, t, class_emb=class_emb).float()
+    conditional one at w = 1, only the unconditional one at w = 0)."""
     B = x.shape[0]
+    if guidance_scale in (0, 1):  # one prediction alone: the conditional (1) or unconditional (0)
+        emb = class_emb if guidance_scale == 1 else null_emb.expand(B, -1)
+        return model(x, t, class_emb=emb).float()
     cond = torch.cat([class_emb, null_emb.expand(B, -1)])  # (2B, cond_dim): [cond; uncond]
     eps = model(torch.cat([x, x]), torch.cat([t, t]), class_emb=cond).float()  # (2B, C, H, W)
     eps_cond, eps_uncond = eps.chunk(2)

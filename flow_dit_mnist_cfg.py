@@ -131,10 +131,11 @@ def guided_velocity(model, x, t, y, w):
     """Classifier-free guidance (Ho & Salimans 2022): v = v_uncond + w * (v_cond - v_uncond).
     w = 1 is the plain conditional velocity, w = 0 the unconditional one, w > 1 pushes samples
     further towards the class. Both velocities come from ONE batched forward pass over [x; x]
-    with labels [y; null] (only the conditional half at w = 1); combined in float32."""
-    if w == 1:
-        return model(x, t, y).float()
+    with labels [y; null] (only the conditional half at w = 1, only the unconditional one at
+    w = 0); combined in float32."""
     null = torch.full_like(y, NULL_CLASS)
+    if w in (0, 1):  # one velocity alone: the conditional (1) or unconditional (0)
+        return model(x, t, y if w == 1 else null).float()
     v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))  # (2B, C, H, W)
     v_cond, v_uncond = v.float().chunk(2)  # 2 x (B, C, H, W)
     return v_uncond + w * (v_cond - v_uncond)
