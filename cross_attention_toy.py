@@ -37,7 +37,7 @@ Commands:
   python cross_attention_toy.py --sample-only \\
       --prompt "a green triangle at the top right and a red circle at the bottom left"
   python cross_attention_toy.py --bench        # speed table: fast vs plain path
-  python cross_attention_toy.py --max-steps 50 --eval-samples 1 --sample-steps 10 \\
+  python cross_attention_toy.py --max-steps 50 --eval-per-prompt 1 --sample-steps 10 \\
       --out-dir out/smoke                      # CPU smoke run, under a minute, fidelity 0%
 
 Outputs (in --out-dir): ckpt.pt, loss.png, fidelity.json, samples.png (captions as titles),
@@ -707,7 +707,7 @@ def format_table(rows, default_w):
             f"({100 * o['colour'] * o['shape']:.1f}%)"
         )
     lines.append(
-        f"(* default --guidance-scale; {rows[0]['n_in_dist']} in-distribution and "
+        f"(* the default w, --guidance-scale; {rows[0]['n_in_dist']} in-distribution and "
         f"{rows[0]['n_held_out']} held-out images per row; 'in [lo, hi]': guided only while t / T "
         "is in [lo, hi])"
     )
@@ -731,38 +731,45 @@ def attention_maps(model, sample, prompts, guidance_scale, seed):
 
 
 def run_experiments(ema, sample, args):
-    """The fidelity table (each w of --guidance-scales and the default w, then the default w only
-    in --eval-interval) and every figure, from the EMA weights. Returns the table rows."""
-    out, w, n, seed = args.out_dir, args.guidance_scale, args.eval_samples, args.seed
-    table, images = [], {}  # images[scale]: one sample per prompt of PROMPTS
-    for scale in sorted({*args.guidance_scales, w}):
-        row, images[scale] = fidelity_row(ema, sample, scale, n, seed)
-        table.append(row)
-    table.append(fidelity_row(ema, sample, w, n, seed, args.eval_interval)[0])
-    print(format_table(table, w))
-    with open(os.path.join(out, "fidelity.json"), "w") as f:
-        json.dump({"default_guidance_scale": w, "rows": table}, f, indent=2)
-    # samples.png: one sample per prompt with its caption, green where the checker accepts it
-    title = (
-        f"w={w:g}: {len(IN_DIST_PROMPTS)} in-distribution prompts, then "
-        f"{len(HELD_OUT_PROMPTS)} with held-out pairs (green title: the checker accepts)"
-    )
-    ok = [check_image(x, parse_caption(p)) for x, p in zip(images[w], PROMPTS)]
-    titles, colours = [textwrap.fill(p, 28) for p in PROMPTS], ["green" if a else "red" for a in ok]
-    plot_grid(f"{out}/samples.png", title, images[w], 6, titles, colours)
-    # guidance_sweep.png: a row per scale, every other prompt, the same starting noise in each row
-    rows = table[:-1]
-    grid = [x for r in rows for x in images[r["guidance_scale"]][::2]]
-    titles = [
-        textwrap.fill(("held out: " if p in HELD_OUT_PROMPTS else "") + p, 22) for p in PROMPTS[::2]
-    ]
-    labels = [
-        f"w={r['guidance_scale']:g}\nin {r['in_dist']:.0%}\nheld {r['held_out']:.0%}" for r in rows
-    ]
-    title = "classifier-free guidance sweep (row label: prompt fidelity)"
-    plot_grid(
-        f"{out}/guidance_sweep.png", title, grid, len(titles), titles, row_labels=labels, fontsize=5
-    )
+    """From the EMA weights: the fidelity table (each w of --eval-scales and the default w, then
+    the default w guided only in --eval-interval) with samples.png, guidance_sweep.png (a row per
+    w of --guidance-scales), attention_maps.png, and prompt.png for --prompt. --sample-only
+    --prompt draws only that prompt's two figures, in seconds. Returns the table rows, if any."""
+    out, w, n, seed = args.out_dir, args.guidance_scale, args.eval_per_prompt, args.seed
+    table, written = [], []
+    if not (args.sample_only and args.prompt):
+        images = {}  # images[scale]: the first sample of every prompt of PROMPTS
+        for scale in sorted({*args.eval_scales, w}):
+            row, images[scale] = fidelity_row(ema, sample, scale, n, seed)
+            table.append(row)
+        table.append(fidelity_row(ema, sample, w, n, seed, args.eval_interval)[0])
+        print(format_table(table, w))
+        with open(os.path.join(out, "fidelity.json"), "w") as f:
+            json.dump({"default_guidance_scale": w, "rows": table}, f, indent=2)
+        # samples.png: one sample per prompt with its caption, green where the checker accepts it
+        title = (
+            f"w={w:g}: {len(IN_DIST_PROMPTS)} in-distribution prompts, then "
+            f"{len(HELD_OUT_PROMPTS)} with held-out pairs (green title: the checker accepts)"
+        )
+        ok = [check_image(x, parse_caption(p)) for x, p in zip(images[w], PROMPTS)]
+        titles, colours = (
+            [textwrap.fill(p, 28) for p in PROMPTS],
+            ["green" if a else "red" for a in ok],
+        )
+        plot_grid(f"{out}/samples.png", title, images[w], 6, titles, colours)
+        # guidance_sweep.png: a row per scale, every other prompt, the same noise in each row
+        prompts, grid, labels = PROMPTS[::2], [], []
+        for scale in args.guidance_scales:
+            row = generate(ema, sample, prompts, 1, scale, seed)  # (P/2, 3, H, W)
+            accepted = sum(check_image(x, parse_caption(p)) for x, p in zip(row, prompts))
+            grid += list(row)
+            labels.append(f"w={scale:g}\n{accepted}/{len(prompts)}\naccepted")
+        titles = [textwrap.fill(("held out: " if p in HELD_OUT_PROMPTS else "") + p, 22)
+                  for p in prompts]  # fmt: skip
+        title = "classifier-free guidance sweep (row label: samples the checker accepts)"
+        plot_grid(f"{out}/guidance_sweep.png", title, grid, len(prompts), titles,
+                  row_labels=labels, fontsize=5)  # fmt: skip
+        written += ["fidelity.json", "samples.png", "guidance_sweep.png"]
     # attention_maps.png: the sample, then where it attends to each token, each map scaled to 1
     prompts = [args.prompt] if args.prompt else [IN_DIST_PROMPTS[0], IN_DIST_PROMPTS[8]]
     samples, maps = attention_maps(ema, sample, prompts, w, seed)
@@ -774,7 +781,7 @@ def run_experiments(ema, sample, args):
         titles += ["sample", *ws, *[""] * pad]
     title = "cross-attention per word (mean over heads, steps, layers; each map scaled to its max)"
     plot_grid(f"{out}/attention_maps.png", title, grid, cols, titles)
-    written = "fidelity.json, samples.png, guidance_sweep.png, attention_maps.png"
+    written.append("attention_maps.png")
     if args.prompt:  # 8 samples of a caption from the command line, with the checker's verdict
         grid = generate(ema, sample, [args.prompt], 8, w, seed)
         try:
@@ -784,8 +791,8 @@ def run_experiments(ema, sample, args):
             verdict = f"not checked ({e})"
         plot_grid(f"{out}/prompt.png", f"{args.prompt!r}, w={w:g}: {verdict}", grid, 8)
         print(f"--prompt {args.prompt!r}: {verdict}")
-        written += ", prompt.png"
-    print(f"wrote {written} to {out}")
+        written.append("prompt.png")
+    print(f"wrote {', '.join(written)} to {out}")
     return table
 
 
@@ -797,6 +804,13 @@ def run_experiments(ema, sample, args):
 def update_ema(ema, model, decay):
     """ema = decay * ema + (1 - decay) * model, for all tensors in one multi-tensor kernel."""
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
+def ema_decay_at(step, decay):
+    """EMA decay for the update after optimizer step `step` (0-based): step / (step + 1) makes
+    the EMA the plain mean of all weights so far, until that reaches `decay` at step
+    1 / (1 - decay) - 1; from there on it averages over about the last 1 / (1 - decay) steps."""
+    return min(decay, step / (step + 1))
 
 
 def warmup_cosine(step, warmup_steps, total_steps, min_ratio=0.1):
@@ -827,10 +841,8 @@ def setup(args, device):
     model = build_model(args).to(device, memory_format=fmt)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     # fused AdamW: one kernel for the whole update instead of several per parameter tensor
-    fused = device.type in ("cuda", "cpu")
-    optimizer = torch.optim.AdamW(
-        model.parameters(), args.lr, weight_decay=args.weight_decay, fused=fused
-    )
+    optimizer = torch.optim.AdamW(model.parameters(), args.lr, weight_decay=args.weight_decay,
+                                  fused=device.type in ("cuda", "cpu"))  # fmt: skip
     lr_lambda = partial(warmup_cosine, warmup_steps=args.warmup_steps, total_steps=args.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only
@@ -850,7 +862,9 @@ def setup(args, device):
 
     sample = partial(ddim_sample, alphas_cumprod=alphas_cumprod, steps=args.sample_steps,
                      interval=args.guidance_interval)  # fmt: skip
-    sampler = torch.compile(ema) if args.compile else ema  # the EMA, compiled separately
+    # the EMA, compiled separately, with a dynamic batch size: one graph serves every size it
+    # meets (a table row's 128 or 64 images, doubled for guidance, the 8 of --prompt, ...)
+    sampler = torch.compile(ema, dynamic=True) if args.compile else ema
     return argparse.Namespace(model=model, ema=ema, optimizer=optimizer, scheduler=scheduler,
                               scaler=scaler, step=step, sampler=sampler, sample=sample, ctx=ctx,
                               dtype=dtype, memory_format=fmt)  # fmt: skip
@@ -864,13 +878,15 @@ def main(argv=None):
     if args.bench:
         return benchmark(args, device)
     ckpt_path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
-    check_output_paths(args.out_dir, ckpt_path, writes_ckpt=not args.sample_only)
+    check_output_paths(args.out_dir, ckpt_path, writes_ckpt=not args.sample_only,
+                       fresh=not (args.resume or args.sample_only))  # fmt: skip
     from_ckpt = args.resume or args.sample_only
     ckpt = load_checkpoint(ckpt_path, args) if from_ckpt else None  # also sets MODEL_ARGS
     run, step, losses, saved_step = setup(args, device), 0, [], None
     if ckpt:
         for part in ("model", "ema") if args.sample_only else CHECKPOINT_PARTS:
-            getattr(run, part).load_state_dict(ckpt[part])
+            if ckpt[part]:  # empty: the scaler of a bf16 or fp32 run (fp16 starts a fresh scale)
+                getattr(run, part).load_state_dict(ckpt[part])
         step, losses, saved_step = ckpt["step"], ckpt["losses"], ckpt["step"]
     print(f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters, {device}, "
           f"{run.dtype}, {len(VOCAB)}-token vocabulary; held-out pairs: "
@@ -880,13 +896,6 @@ def main(argv=None):
         with run.ctx:
             run_experiments(run.sampler, run.sample, args)
         return run.model
-
-    def save():  # atomic: a kill during torch.save leaves the previous checkpoint as it was
-        parts = {k: getattr(run, k).state_dict() for k in CHECKPOINT_PARTS}
-        model_args = {key: getattr(args, key) for key in MODEL_ARGS}
-        torch.save({"script": SCRIPT, "args": vars(args), "model_args": model_args,
-                    "step": step, "losses": losses, **parts}, ckpt_path + ".tmp")  # fmt: skip
-        os.replace(ckpt_path + ".tmp", ckpt_path)
 
     window, stop = [], False
     # the loop stops to check, log, save or evaluate only at multiples of these
@@ -898,9 +907,7 @@ def main(argv=None):
             seed_step(args.seed, step)
             x0, tokens = get_batch(args.batch_size, args.image_size, args.seed, step)
             x0, tokens = x0.to(device, memory_format=run.memory_format), tokens.to(device)
-            # EMA warm-up: the decay grows as (1 + step) / (10 + step) up to --ema-decay, so that
-            # early on the average does not stay stuck near the random init
-            window.append(run.step(x0, tokens, min(args.ema_decay, (1 + step) / (10 + step))))
+            window.append(run.step(x0, tokens, ema_decay_at(step, args.ema_decay)))
             step += 1
             bar.update()
             if step < args.max_steps and all(step % n for n in check_every):
@@ -920,7 +927,10 @@ def main(argv=None):
                            f" | lr {run.scheduler.get_last_lr()[0]:.2e} | {1e3 * dt:5.0f} ms/step"
                            f" | {args.batch_size / dt:6.0f} img/s")  # fmt: skip
             if stop or step % args.save_every == 0 or step == args.max_steps:
-                save()
+                parts = {k: getattr(run, k).state_dict() for k in CHECKPOINT_PARTS}
+                model_args = {key: getattr(args, key) for key in MODEL_ARGS}
+                save_checkpoint({"script": SCRIPT, "args": vars(args), "model_args": model_args,
+                                 "step": step, "losses": losses, **parts}, ckpt_path)  # fmt: skip
                 saved_step = step
             if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
                 w = args.guidance_scale  # a quick check: one sample per in-distribution prompt
@@ -1016,7 +1026,9 @@ def get_args(argv=None):
     add("--weight-decay", type=nonnegative_float, default=0.0, help="AdamW decay")
     add("--grad-clip", type=positive_float, default=1.0, help="max gradient norm")
     add("--p-uncond", type=probability, default=0.1, help="caption dropout: P(empty caption)")
-    add("--ema-decay", type=probability, default=0.995, help="EMA decay of the sampling weights")
+    add("--ema-decay", type=probability, default=0.99,
+        help="EMA decay of the sampling weights: it averages the last 1 / (1 - decay) steps, "
+        "after a plain mean over the first 1 / (1 - decay)")
     add("--log-every", type=positive_int, default=100, help="steps between logs and stop checks")
     add("--save-every", type=positive_int, default=250, help="steps between checkpoints")
     add("--eval-every", type=nonnegative_int, default=200, help="steps per fidelity check (0: off)")
@@ -1025,14 +1037,18 @@ def get_args(argv=None):
     add("--guidance-scale", type=nonnegative_float, default=3.0,
         help="CFG scale w of the figures and --prompt: 0 unconditional, 1 conditional")
     add("--guidance-scales", type=float_list, default=[0.0, 1.0, 2.0, 3.0, 5.0],
-        help="CFG scales of the fidelity table and guidance_sweep.png")
+        help="CFG scales of guidance_sweep.png, a row each")
+    add("--eval-scales", type=float_list, default=[0.0, 1.0, 2.0, 3.0, 5.0],
+        help="CFG scales of the fidelity table, a row each (and one for --guidance-scale)")
     add("--guidance-interval", type=interval_pair, default=(0.0, 1.0), metavar="LO,HI",
         help="guide only for t / T in [LO, HI], conditional elsewhere (Kynkaanniemi et al. 2024)")
     add("--eval-interval", type=interval_pair, default=(0.0, 0.7), metavar="LO,HI",
         help="guidance interval of the fidelity table's extra row (default w)")
     add("--sample-steps", type=positive_int, default=25, help="DDIM steps")
-    add("--eval-samples", type=positive_int, default=8, help="samples per prompt in the table")
-    add("--prompt", type=caption, default=None, help="also generate 8 images for this caption")
+    add("--eval-per-prompt", type=positive_int, default=8,
+        help="samples per prompt in the fidelity table")
+    add("--prompt", type=caption, default=None,
+        help="also draw 8 images of this caption (with --sample-only: only those, at once)")
     add("--sample-only", action="store_true", help="no training: run the experiments from --ckpt")
     add("--ckpt", default=None, help="checkpoint to read and write (default --out-dir/ckpt.pt)")
     add = p.add_argument_group("system").add_argument
@@ -1040,7 +1056,8 @@ def get_args(argv=None):
     add("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"), help="cuda > mps > cpu")
     add("--seed", type=nonnegative_int, default=0, help="random seed")
     add("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
-        help="autocast precision; auto = bf16 on CUDA where supported, else fp32")
+        help="autocast precision; auto = bf16 on GPUs with native bf16 (compute capability "
+        "8.0+), fp16 on older GPUs, fp32 on CPU and MPS")
     add("--compile", action="store_true", help="torch.compile the model and the sampling EMA")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC convs")
     add("--threads", type=nonnegative_int, default=0,
@@ -1098,12 +1115,39 @@ def fail(message, code=2):
 
 def precision(name, device):
     """(dtype, autocast context): bf16/fp16 run convs and matmuls in half precision, norms, softmax
-    and the loss in fp32; fp32 disables autocast (and TF32), so one `with ctx:` serves them all."""
-    if name == "auto":
-        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    and the loss in fp32; with fp32 the context is a no-op, so one `with ctx:` serves them all."""
+    if (
+        name == "auto"
+    ):  # bf16 only where the GPU runs it natively (Ampere, compute capability 8.0+);
+        # older CUDA GPUs (T4, V100) emulate it slowly: fp16 with the loss scaler there
+        cuda = device.type == "cuda"
+        name = (
+            ("bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16")
+            if cuda
+            else "fp32"
+        )
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-    torch.set_float32_matmul_precision("highest" if dtype == torch.float32 else "high")
-    return dtype, torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    fp32 = dtype == torch.float32
+    # fp32 is true fp32: no TF32 tensor cores in matmuls nor in cuDNN convolutions
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not fp32
+    return dtype, contextlib.nullcontext() if fp32 else torch.autocast(device.type, dtype=dtype)
+
+
+def synchronize(device):
+    """Wait for the device's queued work, so that a clock around it measures the work itself."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def timed(fn, device):
+    """Seconds that fn() takes, the device synchronised before and after."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - t0
 
 
 def seed_step(seed, step):
@@ -1131,8 +1175,9 @@ class StopSignal:
             signal.signal(s, handler)
 
 
-def check_output_paths(out_dir, ckpt_path, writes_ckpt):
-    """Fail now, in one line, if the figures or the checkpoint could not be written later."""
+def check_output_paths(out_dir, ckpt_path, writes_ckpt, fresh):
+    """Fail now, in one line, if the figures or the checkpoint could not be written later, or if a
+    fresh run (`fresh`: no --resume) would overwrite the checkpoint of another run."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         fail(f"--out-dir {out_dir} is a file, not a folder")
     try:
@@ -1147,6 +1192,15 @@ def check_output_paths(out_dir, ckpt_path, writes_ckpt):
             tempfile.TemporaryFile(dir=folder).close()
         except OSError as e:
             fail(f"cannot write to {folder} ({e.strerror})")
+    if fresh and os.path.exists(ckpt_path):
+        fail(f"{ckpt_path} already holds a run: continue it with --resume, or train a new one with "
+             "another --out-dir")  # fmt: skip
+
+
+def save_checkpoint(state, path):
+    """Atomic: a crash or kill during torch.save leaves the previous file at `path` untouched."""
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def load_checkpoint(path, args):
@@ -1166,6 +1220,8 @@ def load_checkpoint(path, args):
             value = ",".join(map(str, saved)) if isinstance(saved, list) else saved
             fail(f"{path} was trained with {flag} {value}; leave {flag} out or pass {flag} {value}")
         setattr(args, key, saved)
+    if args.sample_steps > args.timesteps:  # checked again: --timesteps may come from the file
+        fail(f"--sample-steps {args.sample_steps} exceeds --timesteps {args.timesteps} of {path}")
     # the parameter names and shapes of the network these flags build (built on the CPU: under a
     # second, where the meta device's weight init would first import torch._dynamo, ~3 s)
     expected = {k: v.shape for k, v in build_model(args).state_dict().items()}
@@ -1174,21 +1230,19 @@ def load_checkpoint(path, args):
     return ckpt
 
 
-def pyplot():
-    """matplotlib is imported only when a figure is drawn, so importing the script stays fast."""
-    import matplotlib.pyplot as plt
+def figure(**kwargs):
+    """A matplotlib Figure for files, no pyplot; imported here, so importing the script is fast."""
+    from matplotlib.figure import Figure
 
-    plt.switch_backend("Agg")  # files only, no display needed
-    return plt
+    return Figure(**kwargs)
 
 
 def plot_grid(path, title, images, cols, titles=(), colours=(), row_labels=(), fontsize=7):
     """Images in rows of `cols`: (3, H, W) in [-1, 1], an (H, W) attention map in [0, 1], or None
     for an empty cell; optional titles (and their colours) per image, and labels per row."""
-    plt = pyplot()
     rows = math.ceil(len(images) / cols)
-    size = (1.6 * cols, 1.9 * rows)
-    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False, layout="constrained")
+    fig = figure(figsize=(1.6 * cols, 1.9 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.set(xticks=[], yticks=[])
         ax.spines[:].set_visible(False)  # no frames, but a row label stays visible
@@ -1203,12 +1257,11 @@ def plot_grid(path, title, images, cols, titles=(), colours=(), row_labels=(), f
         ax.set_ylabel(label, fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=150, bbox_inches="tight")
-    plt.close(fig)
 
 
 def save_loss_curve(losses, path, title):
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     ax.plot(losses, lw=0.5, alpha=0.4, label="per step")
     window = max(1, len(losses) // 50)
     smooth = torch.tensor(losses).unfold(0, window, 1).mean(1)
@@ -1216,7 +1269,6 @@ def save_loss_curve(losses, path, title):
     ax.set(xlabel="step", ylabel="loss", yscale="log", title=title)
     ax.legend()
     fig.savefig(path, dpi=150, bbox_inches="tight")
-    plt.close(fig)
 
 
 def benchmark(args, device):
@@ -1230,21 +1282,22 @@ def benchmark(args, device):
     variants = {"fast": args, "plain": argparse.Namespace(**{**vars(args), **plain})}
     runs = {name: setup(flags, device) for name, flags in variants.items()}
     losses, times = {name: [] for name in runs}, {name: [] for name in runs}
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+
+    def train(run, x, out):  # the same draws in both variants
+        for i in range(args.bench_steps):
+            seed_step(args.seed, i)
+            out.append(run.step(x, tokens, 0.999))
+
+    def draw(run):
+        with run.ctx:
+            generate(run.sampler, run.sample, prompts, 1, args.guidance_scale, args.seed)
+
     for _ in range(4):  # alternating, so that clock or thermal drift hits both variants alike
         for name, run in runs.items():
             precision(variants[name].dtype, device)  # TF32 on or off, as in that variant
             x = x0.contiguous(memory_format=run.memory_format)
-            sync()
-            t0 = time.perf_counter()
-            for i in range(args.bench_steps):
-                seed_step(args.seed, i)  # the same draws in both variants
-                losses[name].append(run.step(x, tokens, 0.999))
-            sync()
-            t1 = time.perf_counter()
-            with run.ctx:
-                generate(run.sampler, run.sample, prompts, 1, args.guidance_scale, args.seed)
-            times[name].append(((t1 - t0) / args.bench_steps, time.perf_counter() - t1))
+            step_s = timed(partial(train, run, x, losses[name]), device) / args.bench_steps
+            times[name].append((step_s, timed(partial(draw, run), device)))
     cuda = device.type == "cuda"
     hw = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{SCRIPT} --bench on {hw}, torch {torch.__version__}: train batch {B}, CFG sampling "
