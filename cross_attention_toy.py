@@ -191,7 +191,8 @@ def guided_eps(model, x, t, tokens, null_tokens, guidance_scale, attn_store=None
     x: (B, 3, H, W); tokens: (B, S); null_tokens: (1, S)."""
     B = x.shape[0]
     if guidance_scale in (0, 1):  # one prediction alone: the conditional (1) or unconditional (0)
-        tokens = tokens if guidance_scale == 1 else null_tokens.expand(B, -1)
+        # repeat, not expand: tokens of one stride, so a compiled model meets one kind of input
+        tokens = tokens if guidance_scale == 1 else null_tokens.repeat(B, 1)  # (B, S)
         return model(x, t, tokens, attn_store).float()
     both = torch.cat([tokens, null_tokens.expand(B, -1)])  # (2B, S)
     eps = model(torch.cat([x, x]), torch.cat([t, t]), both, attn_store).float()  # (2B, 3, H, W)

@@ -841,6 +841,167 @@ def test_cat_cross_attention_shape_and_padding_mask():
     assert not torch.allclose(attn(x, changed_word, mask)[0], out, atol=1e-3)
 
 
+def heads_by_hand(q, k, v, heads, allowed=None):
+    """Multi-head attention written out: q (B, L, D), k, v (B, S, D), each head a contiguous
+    block of D / heads channels; softmax over the S keys (allowed: (B, L, S) bool)."""
+    d, out = q.shape[-1] // heads, []
+    for i in range(heads):
+        qi, ki, vi = (z[..., i * d : (i + 1) * d] for z in (q, k, v))
+        logits = qi @ ki.transpose(1, 2) / math.sqrt(d)  # (B, L, S)
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        out.append(logits.softmax(-1) @ vi)
+    return torch.cat(out, -1)  # (B, L, D)
+
+
+def rotary_by_hand(x, base=100.0):
+    """x: (B, L, d) -> each channel pair (i, i + d/2) of position p rotated by p * base^(-2i/d)."""
+    out, half = x.clone(), x.shape[-1] // 2
+    for p in range(x.shape[1]):
+        for i in range(half):
+            theta = p * base ** (-i / half)
+            a, b = x[:, p, i], x[:, p, i + half]
+            out[:, p, i] = a * math.cos(theta) - b * math.sin(theta)
+            out[:, p, i + half] = a * math.sin(theta) + b * math.cos(theta)
+    return out
+
+
+def linear(layer, x):
+    return x @ layer.weight.T + (0 if layer.bias is None else layer.bias)
+
+
+def test_cat_self_attention_over_positions_by_hand():
+    """x + W_o Attn(LN(x)) from the layer's own weights: attention runs over the L positions
+    (the softmax over keys), per head, with the mask and, for text, rotary q and k."""
+    torch.manual_seed(0)
+    B, L, D, heads = 2, 6, 8, 2
+    x = torch.randn(B, L, D)
+    allowed = torch.rand(B, L, L) < 0.6
+    allowed |= torch.eye(L, dtype=torch.bool)  # every query keeps one key
+    for rotary in (False, True):
+        attn = cat.SelfAttention(D, heads, rotary=rotary)  # default init: proj is not zero
+        q, k, v = linear(attn.qkv, F.layer_norm(x, (D,), attn.norm.weight, attn.norm.bias)).split(
+            D, -1
+        )
+        if rotary:  # per head: the pairs (i, i + d/2) inside each head's channels
+            d = D // heads
+            q, k = (torch.cat([rotary_by_hand(z[..., j * d : (j + 1) * d]) for j in range(heads)],
+                              -1) for z in (q, k))  # fmt: skip
+        for mask in (None, allowed):
+            expected = x + linear(attn.proj, heads_by_hand(q, k, v, heads, mask))
+            got = attn(x, None if mask is None else mask[:, None])
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4, msg=str(rotary))
+
+
+def test_cat_cross_attention_by_hand():
+    """x + W_o softmax(Q K^T / sqrt(d) + M) V with Q = LN(x) W_q, K = c W_k, V = c W_v: image
+    positions are the queries, text tokens the keys, padding masked; both paths."""
+    torch.manual_seed(0)
+    B, L, S, D, D_c, heads = 2, 5, 4, 8, 6, 2
+    attn = cat.CrossAttention(D, D_c, heads)
+    x, context = torch.randn(B, L, D), torch.randn(B, S, D_c)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    q = F.linear(F.layer_norm(x, (D,), attn.norm.weight, attn.norm.bias), attn.to_q.weight)
+    k, v = F.linear(context, attn.to_kv.weight).split(D, -1)
+    expected = x + linear(
+        attn.proj, heads_by_hand(q, k, v, heads, mask[:, None, :].expand(B, L, S))
+    )
+    for need_weights in (False, True):
+        torch.testing.assert_close(attn(x, context, mask, need_weights)[0], expected, atol=1e-5,
+                                   rtol=1e-4)  # fmt: skip
+
+
+def test_cat_rotary_embedding_by_hand_depends_on_offsets_only():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 7, 8)  # (B, heads, L, d)
+    expected = rotary_by_hand(x.reshape(6, 7, 8)).reshape(2, 3, 7, 8)
+    torch.testing.assert_close(cat.rotary_embedding(x), expected, atol=1e-6, rtol=1e-5)
+    # the same q at every position and the same k: q_m . k_n depends on m - n alone
+    q, k = (cat.rotary_embedding(torch.randn(1, 1, 1, 8).expand(1, 1, 7, 8))[0, 0] for _ in "qk")
+    dots = q @ k.T  # (7, 7)
+    for offset in range(-6, 7):
+        diagonal = dots.diagonal(offset)
+        torch.testing.assert_close(diagonal, diagonal[:1].expand_as(diagonal), atol=1e-5, rtol=0)
+
+
+def test_cat_timestep_and_position_embeddings_by_hand():
+    emb = cat.timestep_embedding(torch.tensor([0, 7, 999]), 8)  # half = 4 frequencies
+    for b, t in enumerate((0, 7, 999)):
+        for i in range(4):
+            f = 10000 ** (-i / 4)
+            assert emb[b, i].item() == pytest.approx(math.cos(t * f), abs=1e-4)
+            assert emb[b, 4 + i].item() == pytest.approx(math.sin(t * f), abs=1e-4)
+    pos = cat.sincos_2d(4, 8)  # position p = (row, col) = divmod(p, 4); 2 frequencies per axis
+    for p in range(16):
+        y, x = divmod(p, 4)
+        f = [10000 ** (-i / 2) for i in range(2)]
+        expected = ([math.sin(y * g) for g in f] + [math.cos(y * g) for g in f]
+                    + [math.sin(x * g) for g in f] + [math.cos(x * g) for g in f])  # fmt: skip
+        assert pos[p].tolist() == pytest.approx(expected, abs=1e-6), p
+
+
+def test_cat_resblock_and_unet_block_by_hand():
+    """ResBlock: GroupNorm-SiLU-conv, the time embedding as norm(h) * (1 + scale) + shift, then
+    SiLU-conv and the skip. UNetBlock: one token per position (row-major, the fixed 2D embedding
+    added), self-attention, then cross-attention to the text, back to (B, C, H, W)."""
+    torch.manual_seed(0)
+    B, C_in, C, t_dim, D_c, side = 2, 8, 16, 12, 6, 4
+    block = cat.UNetBlock(C_in, C, t_dim, D_c, 2, side, self_attn=True, cross_attn=True)
+    res = block.res  # default init: nothing is zero
+    x, temb = torch.randn(B, C_in, side, side), torch.randn(B, t_dim)
+    context, mask = torch.randn(B, 3, D_c), torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    h = res.conv1(F.silu(F.group_norm(x, 8, res.norm1.weight, res.norm1.bias)))
+    scale, shift = linear(res.t_proj, F.silu(temb)).split(C, -1)  # (B, C) each
+    h = F.group_norm(h, 8, res.norm2.weight, res.norm2.bias)
+    h = h * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+    r = res.skip(x) + res.conv2(F.silu(h))
+    torch.testing.assert_close(res(x, temb), r, atol=1e-5, rtol=1e-4)
+    tokens = r.permute(0, 2, 3, 1).reshape(B, side * side, C) + cat.sincos_2d(side, C)
+    tokens = block.cross_attn(block.self_attn(tokens), context, mask)[0]
+    expected = tokens.reshape(B, side, side, C).permute(0, 3, 1, 2)
+    torch.testing.assert_close(block(x, temb, context, mask), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_cat_text_encoder_by_hand():
+    """Embeddings, then per layer x = attn(x) (clause and padding mask) and x = x + mlp(x), then
+    the final LayerNorm; the mask: token i sees token j iff j is real and in i's clause."""
+    torch.manual_seed(0)
+    encoder = cat.TextEncoder(len(cat.VOCAB), 16, 1, 2)
+    tokens = cat.tokenize([cat.IN_DIST_PROMPTS[8], cat.IN_DIST_PROMPTS[0]], cat.MAX_LEN)
+    clause = [[0] * 8 + [1] * 8, [0] * 16]  # <start> + 7 words, then "and" + 7 words; padding
+    real = tokens != cat.PAD_ID
+    allowed = torch.tensor([[[a == b for b in c] for a in c] for c in clause]) & real[:, None, :]
+    h = encoder.attn[0](encoder.tok_emb(tokens), allowed[:, None])
+    expected = encoder.norm(h + encoder.mlp[0](h))
+    torch.testing.assert_close(encoder(tokens, real), expected)
+
+
+def test_cat_fresh_unet_predicts_zero_and_every_block_starts_as_identity():
+    torch.manual_seed(0)
+    model = cat.build_model(tiny_cat())
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    tokens = cat.tokenize(cat.IN_DIST_PROMPTS[:2], cat.MAX_LEN)
+    assert (model(x, t, tokens) == 0).all(), "conv_out is zero-initialised"
+    checked = []
+    for m in model.modules():
+        if isinstance(m, cat.ResBlock):  # the skip path alone
+            h, temb = (
+                torch.randn(2, m.norm1.num_channels, 4, 4),
+                torch.randn(2, m.t_proj.in_features),
+            )
+            checked.append(torch.equal(m(h, temb), m.skip(h)))
+        elif isinstance(m, (cat.SelfAttention, cat.CrossAttention)):  # the identity
+            h = torch.randn(2, 5, m.norm.normalized_shape[0])
+            if isinstance(m, cat.SelfAttention):
+                checked.append(torch.equal(m(h), h))
+            else:
+                context = torch.randn(2, 3, m.to_kv.in_features)
+                checked.append(torch.equal(m(h, context, torch.ones(2, 3, dtype=torch.bool))[0], h))
+    # 5 ResBlocks, 1 + 3 self-attention layers (text, U-Net at 8x8), 3 cross-attention layers
+    assert len(checked) == 5 + 4 + 3 and all(checked), checked
+    assert model.text_encoder.tok_emb.weight.std().item() == pytest.approx(0.02, rel=0.15)
+
+
 def test_cat_unet_shapes_and_attention_maps_path():
     torch.manual_seed(0)
     model = cat.build_model(tiny_cat())
@@ -970,24 +1131,48 @@ def test_cat_loss_decreases_on_fixed_batch():
     assert after < 0.5 * before, f"loss went from {before:.3f} to only {after:.3f}"
 
 
-def test_cat_end_to_end_then_sample_only(tmp_path, capsys, monkeypatch):
-    out = tmp_path / "run"
-    prompt = "a red square at the top left"
-    r = run_script("cross_attention_toy", *TINY["cross_attention_toy"], "--max-steps", "3",
-                   "--out-dir", str(out), "--prompt", prompt)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
+CAT_PROMPT = "a red square at the top left"
+
+
+@pytest.fixture(scope="module")
+def cat_run(tmp_path_factory):
+    """One tiny run in-process with every figure, shared by the tests below: 5 steps in bf16
+    autocast, --timesteps 50, --ema-decay 0.75 (the EMA's cap, reached at step 3) and --prompt.
+    Returns (out_dir, the decays the loop passed to update_ema, stdout)."""
+    import contextlib
+    import io
+
+    out, decays, stdout = tmp_path_factory.mktemp("cat_run"), [], io.StringIO()
+    real_update = cat.update_ema
+
+    def spy(ema, model, decay):
+        decays.append(decay)
+        real_update(ema, model, decay)
+
+    run = ["--max-steps", "5", "--ema-decay", "0.75", "--timesteps", "50", "--dtype", "bf16"]
+    flags = TINY["cross_attention_toy"] + run + ["--prompt", CAT_PROMPT, "--out-dir", str(out)]
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
+        mp.setattr(cat, "update_ema", spy)
+        cat.main(flags)
+    return out, decays, stdout.getvalue()
+
+
+def test_cat_end_to_end_then_sample_only(cat_run, capsys, monkeypatch):
+    out, decays, stdout = cat_run
     figures = ["samples.png", "guidance_sweep.png", "attention_maps.png", "prompt.png", "loss.png"]
     for name in figures:
         assert (out / name).stat().st_size > 1000, name
-    assert f"--prompt '{prompt}': " in r.stdout and not (out / "ckpt.pt.tmp").exists()
+    assert f"--prompt '{CAT_PROMPT}': " in stdout and not (out / "ckpt.pt.tmp").exists()
     table = json.loads((out / "fidelity.json").read_text())
     rows = [(row["guidance_scale"], row["interval"]) for row in table["rows"]]
     assert rows == [(1.0, None), (2.0, None), (2.0, [0.0, 0.7])], "the default w is added"
     assert all(0 <= row["in_dist"] <= 1 and row["n_held_out"] == 8 for row in table["rows"])
     assert set(table["rows"][0]["held_out_objects"]) == {"colour", "shape", "both"}
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["script"] == "cross_attention_toy" and ckpt["step"] == 3
-    assert len(ckpt["losses"]) == 3
+    assert ckpt["script"] == "cross_attention_toy" and ckpt["step"] == 5
+    assert len(ckpt["losses"]) == 5 and ckpt["model_args"]["timesteps"] == 50
+    # the EMA is the plain mean of the weights after steps 0..3, then decays at --ema-decay
+    assert decays == [0, 1 / 2, 2 / 3, 0.75, 0.75]
 
     # --sample-only runs the same experiments (just shown to write every figure) on the EMA
     # weights from the checkpoint; here they are recorded instead of drawn, to stay fast
@@ -998,6 +1183,111 @@ def test_cat_end_to_end_then_sample_only(tmp_path, capsys, monkeypatch):
     assert code == 0 and len(calls) == 1, err
     for key, value in ckpt["ema"].items():
         assert torch.equal(calls[0][key], value), key
+
+
+def test_cat_sample_only_prompt_draws_it_at_once(cat_run, tmp_path, capsys, monkeypatch):
+    """--sample-only --prompt draws that prompt (prompt.png, its attention maps) and nothing else:
+    no fidelity table first."""
+    out, _, _ = cat_run
+
+    def no_table(*args, **kwargs):
+        raise AssertionError("the fidelity table was computed")
+
+    monkeypatch.setattr(cat, "fidelity_row", no_table)
+    prompt = "a blue triangle at the top right"
+    flags = ["--sample-only", "--ckpt", str(out / "ckpt.pt"), "--out-dir", str(tmp_path),
+             "--device", "cpu", "--prompt", prompt]  # fmt: skip
+    code, stdout, err = run_main(cat, flags, capsys)
+    assert code == 0, err
+    assert f"--prompt '{prompt}': " in stdout and "wrote attention_maps.png, prompt.png" in stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["attention_maps.png", "prompt.png"]
+
+
+def test_cat_checkpoint_conflicts_exit_2_before_data_or_model(cat_run, tmp_path, capsys,
+                                                             monkeypatch):  # fmt: skip
+    """A fresh run into a folder that holds a checkpoint, and --sample-steps beyond the
+    checkpoint's --timesteps: one line, exit 2, nothing built."""
+    out, _, _ = cat_run
+
+    def untouchable(*args, **kwargs):
+        raise AssertionError("data or model touched before the check")
+
+    monkeypatch.setattr(cat, "get_batch", untouchable)
+    monkeypatch.setattr(cat, "UNet", untouchable)
+    ckpt = out / "ckpt.pt"
+    occupied = (f"{ckpt} already holds a run: continue it with --resume, or train a new one with "
+                "another --out-dir")  # fmt: skip
+    cases = [
+        (["--out-dir", str(out)], occupied),
+        (["--out-dir", str(tmp_path), "--ckpt", str(ckpt)], occupied),
+        (["--out-dir", str(out), "--sample-only", "--sample-steps", "60"],
+         f"--sample-steps 60 exceeds --timesteps 50 of {ckpt}"),
+        (["--out-dir", str(out), "--resume", "--sample-steps", "51"],
+         f"--sample-steps 51 exceeds --timesteps 50 of {ckpt}"),
+    ]  # fmt: skip
+    for flags, message in cases:
+        code, _, err = run_main(cat, TINY["cross_attention_toy"] + flags, capsys)
+        assert code == 2 and err == f"cross_attention_toy.py: error: {message}\n", (flags, err)
+
+
+def test_cat_resume_in_fp16_from_a_bf16_checkpoint(cat_run, tmp_path, capsys, monkeypatch):
+    """A bf16 run saves an empty GradScaler state; --resume --dtype fp16 starts a fresh scale."""
+    out, _, _ = cat_run
+    skip_experiments(cat, monkeypatch)
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes((out / "ckpt.pt").read_bytes())
+    assert torch.load(ckpt, weights_only=True)["scaler"] == {}, "bf16: no scaler state"
+    flags = TINY["cross_attention_toy"] + ["--out-dir", str(tmp_path), "--resume", "--dtype",
+                                           "fp16", "--max-steps", "6"]  # fmt: skip
+    code, stdout, err = run_main(cat, flags, capsys)
+    assert code == 0, err
+    resumed = torch.load(ckpt, weights_only=True)
+    assert resumed["step"] == 6 and resumed["scaler"]["scale"] > 0
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_cat_precision_by_compute_capability_and_true_fp32(monkeypatch):
+    """auto: bf16 only from compute capability 8.0 (Ampere) on, fp16 with the loss scaler on
+    older GPUs (T4 7.5, V100 7.0), fp32 on CPU and MPS; fp32 turns TF32 off in matmuls and cuDNN,
+    and its context is a null one (torch < 2.5 refuses an autocast(enabled=False) on MPS)."""
+    for capability, expected in [((6, 1), torch.float16), ((7, 0), torch.float16),
+                                 ((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                 ((8, 6), torch.bfloat16), ((9, 0), torch.bfloat16)]:  # fmt: skip
+        monkeypatch.setattr(
+            torch.cuda, "get_device_capability", lambda device=None, c=capability: c
+        )
+        dtype, ctx = cat.precision("auto", torch.device("cuda"))
+        assert dtype == expected and isinstance(ctx, torch.autocast), capability
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    for device in ("cpu", "mps"):
+        dtype, ctx = cat.precision("auto", torch.device(device))
+        assert dtype == torch.float32 and type(ctx) is cat.contextlib.nullcontext, device
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    dtype, ctx = cat.precision("fp16", torch.device("cpu"))
+    assert dtype == torch.float16 and isinstance(ctx, torch.autocast)
+    cat.precision("fp32", torch.device("cpu"))  # as every CPU run leaves the flags
+
+
+def test_cat_bf16_autocast_on_cpu_is_close_to_fp32():
+    """The bf16 path really runs the convolutions in bf16, and its loss is finite and within a
+    few percent of the fp32 one (the same weights and draws)."""
+    torch.manual_seed(0)
+    model = cat.build_model(tiny_cat())
+    for p in model.parameters():  # undo the zero-init, so that every layer matters
+        p.data.add_(0.05 * torch.randn_like(p))
+    dtypes = []
+    model.conv_in.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    x0, tokens = cat.get_batch(16, 16, seed=0, step=0)
+    null, abar = cat.tokenize([""], cat.MAX_LEN), cat.cosine_alphas_cumprod(1000)
+    losses = {}
+    for name in ("fp32", "bf16"):
+        _, ctx = cat.precision(name, torch.device("cpu"))
+        cat.seed_step(0, 0)
+        with ctx, torch.no_grad():
+            losses[name] = cat.diffusion_loss(model, x0, tokens, null, abar, 0.1, 5.0).item()
+    assert dtypes == [torch.float32, torch.bfloat16]
+    assert math.isfinite(losses["bf16"]) and losses["bf16"] != losses["fp32"]
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.03), losses
 
 
 def test_cat_refuses_torchrun(monkeypatch, capsys):
@@ -1126,6 +1416,95 @@ def test_cat_ddim_is_exact_for_point_masses(w):
             torch.testing.assert_close(
                 x_t[:3], a.sqrt() * points + (1 - a).sqrt() * noise, rtol=0, atol=3e-3
             )
+
+
+def test_cat_ddim_clips_x0_to_the_data_range():
+    """Data outside [-1, 1] (a point mass at 1.5): each step clips the predicted x0 to 1 and moves
+    on with the noise consistent with the clipped x0, so the sample lands on 1, and every x_t it
+    visits after the first is sqrt(a_t) * 1 + sqrt(1 - a_t) eps', eps' the first step's noise."""
+    abar = cat.cosine_alphas_cumprod(1000)
+    prompts = [cat.IN_DIST_PROMPTS[0]]
+    model = PointMassCaptions(abar, prompts, torch.full((1, 3, 4, 4), 1.5), torch.zeros(3, 4, 4))
+    noise = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    x = cat.ddim_sample(model, cat.tokenize(prompts, cat.MAX_LEN), model.null_tokens, noise, 1.0,
+                        abar, 4)  # fmt: skip
+    torch.testing.assert_close(x, torch.ones_like(x), rtol=0, atol=1e-5)
+    a = abar[torch.linspace(999, 0, 4).round().long()]
+    eps = (noise - a[0].sqrt()) / (1 - a[0]).sqrt()
+    for x_t, a_t in zip(model.seen[1:], a[1:]):
+        torch.testing.assert_close(x_t, a_t.sqrt() + (1 - a_t).sqrt() * eps, rtol=0, atol=1e-4)
+
+
+def test_cat_guidance_interval_is_read_in_t_over_T():
+    """An interval that is not symmetric under t -> 1 - t: [0.5, 1] is the noisy half. DDIM's 4
+    steps at t / T = 0.999, 0.666, 0.333, 0 guide (2B rows) the first two, not the last two."""
+    model, B = CountingModel(), 3
+    tokens, null = cat.tokenize([cat.IN_DIST_PROMPTS[0]] * B, cat.MAX_LEN), cat.tokenize([""], 16)
+    abar, noise = cat.cosine_alphas_cumprod(1000), torch.randn(B, 3, 16, 16)
+    cat.ddim_sample(model, tokens, null, noise, 3.0, abar, 4, interval=(0.5, 1.0))
+    assert model.batch_sizes == [2 * B, 2 * B, B, B]
+
+
+def test_cat_lr_warm_up_then_cosine_to_ten_percent():
+    f = partial(cat.warmup_cosine, warmup_steps=10, total_steps=110)
+
+    def cosine(progress):  # from 1 at the end of the warm-up to 0.1 at total_steps
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    expected = {0: 0.1, 4: 0.5, 9: 1.0, 10: 1.0, 60: 0.55, 85: cosine(0.75), 110: 0.1, 500: 0.1}
+    for step, value in expected.items():
+        assert f(step) == pytest.approx(value, abs=1e-12), step
+    run = cat.setup(tiny_cat("--lr", "1e-3", "--warmup-steps", "2", "--max-steps", "6"),
+                    torch.device("cpu"))  # fmt: skip
+    lrs = []
+    for _ in range(7):
+        lrs.append(run.scheduler.get_last_lr()[0])
+        run.optimizer.step()  # no gradients: nothing moves, but the scheduler wants this order
+        run.scheduler.step()
+    assert lrs == pytest.approx(
+        [1e-3 * v for v in (0.5, 1, 1, cosine(0.25), 0.55, cosine(0.75), 0.1)]
+    )
+
+
+def test_cat_ema_is_the_plain_mean_until_its_cap_then_decays():
+    """ema_decay_at: the update after step s uses s / (s + 1) (a running mean of the weights
+    after steps 0..s) until that reaches the decay, at step 1 / (1 - decay) - 1."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    seen = []
+    for step, weight in enumerate([3.0, 5.0, 1.0, 7.0, 2.0, 4.0]):
+        model.weight.data.fill_(weight)
+        cat.update_ema(ema, model, cat.ema_decay_at(step, 0.75))
+        seen.append(ema.weight.item())
+    # the means 3, 4, 3, 4 (steps 0-3), then 0.75 * 4 + 0.25 * 2 and 0.75 * 3.5 + 0.25 * 4
+    assert seen == pytest.approx([3, 4, 3, 4, 3.5, 3.625])
+    assert (
+        cat.ema_decay_at(98, 0.99)
+        < 0.99
+        == cat.ema_decay_at(99, 0.99)
+        == cat.ema_decay_at(10**6, 0.99)
+    ), "the default 0.99 reaches its horizon of 100 steps at step 99"
+
+
+def test_cat_compiled_sampler_is_the_ema_with_one_graph_for_every_batch_size(monkeypatch):
+    """--compile: the sampler is the compiled EMA, with a dynamic batch size: the table's rows
+    (guided 2B, conditional or unconditional B) and other prompt counts reuse one graph. (CPU
+    only: a batch under 16 picks another convolution backend there, so it compiles again.)"""
+    from torch._dynamo.testing import CompileCounter
+
+    counter, real_compile = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", partial(real_compile, backend=counter))
+    torch._dynamo.reset()
+    args = tiny_cat("--compile", "--width", "8", "--ch-mult", "1", "--attn-res", "16",
+                    "--self-attn-res", "16", "--text-dim", "8", "--sample-steps", "1")  # fmt: skip
+    run = cat.setup(args, torch.device("cpu"))
+    assert run.sampler._orig_mod is run.ema
+    table = [(cat.IN_DIST_PROMPTS, 2, 3.0), (cat.HELD_OUT_PROMPTS, 2, 3.0),
+             (cat.IN_DIST_PROMPTS, 1, 1.0), (cat.HELD_OUT_PROMPTS, 3, 0.0)]  # fmt: skip
+    for prompts, n, w in table:  # (prompts, samples per prompt, w): the model sees 64, 32, 16, 24
+        cat.generate(run.sampler, run.sample, prompts, n, w, seed=0)
+    torch._dynamo.reset()
+    assert counter.frame_count == 1, f"{counter.frame_count} compilations"
 
 
 def test_cat_render_gives_images_in_minus_one_to_one():
