@@ -1137,35 +1137,42 @@ CAT_PROMPT = "a red square at the top left"
 @pytest.fixture(scope="module")
 def cat_run(tmp_path_factory):
     """One tiny run in-process with every figure, shared by the tests below: 5 steps in bf16
-    autocast, --timesteps 50, --ema-decay 0.75 (the EMA's cap, reached at step 3) and --prompt.
-    Returns (out_dir, the decays the loop passed to update_ema, stdout)."""
+    autocast, --timesteps 50, --ema-decay 0.75 (the EMA's cap, reached at step 3), --prompt, and
+    a sweep at w = 0 and 1 beside a table at w = 1. Returns (out_dir, the decays the loop passed to
+    update_ema, stdout, {figure file name: its row labels})."""
     import contextlib
     import io
 
     out, decays, stdout = tmp_path_factory.mktemp("cat_run"), [], io.StringIO()
-    real_update = cat.update_ema
+    real_update, real_plot, row_labels = cat.update_ema, cat.plot_grid, {}
 
     def spy(ema, model, decay):
         decays.append(decay)
         real_update(ema, model, decay)
 
+    def plot_spy(path, *args, **kwargs):  # records the first word of each row label
+        real_plot(path, *args, **kwargs)
+        row_labels[os.path.basename(path)] = [s.split()[0] for s in kwargs.get("row_labels", ())]
+
     run = ["--max-steps", "5", "--ema-decay", "0.75", "--timesteps", "50", "--dtype", "bf16"]
-    flags = TINY["cross_attention_toy"] + run + ["--prompt", CAT_PROMPT, "--out-dir", str(out)]
+    run += ["--guidance-scales", "0,1", "--prompt", CAT_PROMPT, "--out-dir", str(out)]
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
         mp.setattr(cat, "update_ema", spy)
-        cat.main(flags)
-    return out, decays, stdout.getvalue()
+        mp.setattr(cat, "plot_grid", plot_spy)
+        cat.main(TINY["cross_attention_toy"] + run)
+    return out, decays, stdout.getvalue(), row_labels
 
 
 def test_cat_end_to_end_then_sample_only(cat_run, capsys, monkeypatch):
-    out, decays, stdout = cat_run
+    out, decays, stdout, row_labels = cat_run
     figures = ["samples.png", "guidance_sweep.png", "attention_maps.png", "prompt.png", "loss.png"]
     for name in figures:
         assert (out / name).stat().st_size > 1000, name
     assert f"--prompt '{CAT_PROMPT}': " in stdout and not (out / "ckpt.pt.tmp").exists()
     table = json.loads((out / "fidelity.json").read_text())
     rows = [(row["guidance_scale"], row["interval"]) for row in table["rows"]]
-    assert rows == [(1.0, None), (2.0, None), (2.0, [0.0, 0.7])], "the default w is added"
+    assert rows == [(1.0, None), (2.0, None), (2.0, [0.0, 0.7])], "--eval-scales, the default w"
+    assert row_labels["guidance_sweep.png"] == ["w=0", "w=1"], "--guidance-scales"
     assert all(0 <= row["in_dist"] <= 1 and row["n_held_out"] == 8 for row in table["rows"])
     assert set(table["rows"][0]["held_out_objects"]) == {"colour", "shape", "both"}
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
@@ -1188,7 +1195,7 @@ def test_cat_end_to_end_then_sample_only(cat_run, capsys, monkeypatch):
 def test_cat_sample_only_prompt_draws_it_at_once(cat_run, tmp_path, capsys, monkeypatch):
     """--sample-only --prompt draws that prompt (prompt.png, its attention maps) and nothing else:
     no fidelity table first."""
-    out, _, _ = cat_run
+    out = cat_run[0]
 
     def no_table(*args, **kwargs):
         raise AssertionError("the fidelity table was computed")
@@ -1207,7 +1214,7 @@ def test_cat_checkpoint_conflicts_exit_2_before_data_or_model(cat_run, tmp_path,
                                                              monkeypatch):  # fmt: skip
     """A fresh run into a folder that holds a checkpoint, and --sample-steps beyond the
     checkpoint's --timesteps: one line, exit 2, nothing built."""
-    out, _, _ = cat_run
+    out = cat_run[0]
 
     def untouchable(*args, **kwargs):
         raise AssertionError("data or model touched before the check")
@@ -1232,7 +1239,7 @@ def test_cat_checkpoint_conflicts_exit_2_before_data_or_model(cat_run, tmp_path,
 
 def test_cat_resume_in_fp16_from_a_bf16_checkpoint(cat_run, tmp_path, capsys, monkeypatch):
     """A bf16 run saves an empty GradScaler state; --resume --dtype fp16 starts a fresh scale."""
-    out, _, _ = cat_run
+    out = cat_run[0]
     skip_experiments(cat, monkeypatch)
     ckpt = tmp_path / "ckpt.pt"
     ckpt.write_bytes((out / "ckpt.pt").read_bytes())
@@ -1266,6 +1273,16 @@ def test_cat_precision_by_compute_capability_and_true_fp32(monkeypatch):
     dtype, ctx = cat.precision("fp16", torch.device("cpu"))
     assert dtype == torch.float16 and isinstance(ctx, torch.autocast)
     cat.precision("fp32", torch.device("cpu"))  # as every CPU run leaves the flags
+
+
+def test_cat_timed_synchronises_cuda_and_mps(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("cuda"))
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append("mps"))
+    for device in ("cpu", "cuda", "mps"):
+        seconds = cat.timed(lambda d=device: calls.append(f"work on {d}"), torch.device(device))
+        assert seconds >= 0
+    assert calls == ["work on cpu", "cuda", "work on cuda", "cuda", "mps", "work on mps", "mps"]
 
 
 def test_cat_bf16_autocast_on_cpu_is_close_to_fp32():
