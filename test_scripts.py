@@ -42,7 +42,7 @@ TINY = {
     "flow_dit_mnist_cfg": [
         "--dataset", "synthetic", "--synthetic-size", "48", "--width", "32", "--depth", "2",
         "--heads", "2", "--cond-dim", "64", "--batch-size", "8", "--sample-steps", "2",
-        "--device", "cpu", "--log-every", "2", "--grid-rows", "1",
+        "--device", "cpu", "--log-every", "2", "--grid-per-class", "1",
     ],
     "cross_attention_toy": [
         "--width", "16", "--ch-mult", "1,2", "--attn-res", "8", "--self-attn-res", "8",
