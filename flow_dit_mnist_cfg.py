@@ -844,9 +844,9 @@ def main(argv=None):
                                           args.seed)  # fmt: skip
     if world_size > 1 and rank == 0:
         dist.barrier()
-    keep = (
-        balanced_subset(all_labels, args.train_size, args.seed) if args.train_size else slice(None)
-    )
+    keep = slice(None)  # all digits, or a balanced subset chosen by the seed (on every rank alike)
+    if args.train_size:
+        keep = balanced_subset(all_labels, args.train_size, args.seed)
     images, labels = all_images[keep].to(device), all_labels[keep].to(device)  # MNIST: 47 MB
     rank_batch = args.batch_size // world_size
     steps_per_epoch = len(images) // world_size // rank_batch  # the last, shorter batch is left
@@ -860,7 +860,7 @@ def main(argv=None):
             if part != "scaler" or ckpt[part]:  # empty unless saved with --dtype fp16
                 getattr(run, part).load_state_dict(ckpt[part])
         step, losses, saved_step = ckpt["step"], ckpt["losses"], ckpt["step"]
-        curve, seconds = ckpt["curve"], ckpt["seconds"]
+        curve, seconds = ckpt.get("curve", []), ckpt.get("seconds", 0.0)
     if master:
         resumed = f", resumed at step {step}" if ckpt else ""
         print(f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters, {device}, "
@@ -888,7 +888,8 @@ def main(argv=None):
             window.append(run.step(x0, y, ema_decay_at(step, args.ema_decay)))
             step, epoch_end = step + 1, (step + 1) % steps_per_epoch == 0 or step + 1 == max_steps
             bar.update()
-            curve_due = check_quality and (step % args.eval_every == 0 or step == max_steps)
+            # the same on every rank: the check below makes all of them agree
+            curve_due = args.eval_every and (step % args.eval_every == 0 or step == max_steps)
             if step % args.log_every and not epoch_end and not curve_due:
                 continue
             # every --log-every steps one check: non-finite loss, Ctrl-C, all DDP ranks agreeing
@@ -909,7 +910,7 @@ def main(argv=None):
                            f"{args.batch_size / dt:6.0f} img/s")  # fmt: skip
                 if hint:  # after the first window: a GPU-sized run on a laptop says so
                     hint = slow_hardware_hint(dt, max_steps, device)
-            if curve_due:
+            if master and curve_due:
                 curve.append((step, seconds + now - t_start, check_quality()))
                 tqdm.write(f"quality | step {step:7d} | {curve[-1][1]:6.0f} s | accuracy "
                            f"{curve[-1][2]:.3f} at w = {args.guidance_scale:g}")  # fmt: skip
@@ -968,11 +969,14 @@ def quality_check(model, sample, classifier, w, seed, per_class=10):
 def save_quality_curve(curve, path):
     """quality_curve.png: the learning curve's accuracy against step and wall-clock seconds."""
     steps, seconds, accuracy = zip(*curve)
-    axes = figure(figsize=(10, 3.5), layout="constrained").subplots(1, 2, sharey=True)
-    for ax, x, label in zip(axes, (steps, seconds), ("optimizer step", "seconds of training")):
+    fig = figure(figsize=(10, 3.5), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, x, label in zip(axes, (steps, seconds), ("optimizer step", "seconds since the start")):
         ax.plot(x, accuracy, "o-")
-        ax.set(xlabel=label, ylim=(0, 1.02), title="samples classified as the requested digit")
-    axes[0].figure.savefig(path, dpi=150)
+        ax.set(xlabel=label, ylim=(0, 1.02))
+    axes[0].set_ylabel("classified as requested")
+    fig.suptitle("Learning curve: 10 fixed-noise samples per digit, scored by the eval classifier")
+    fig.savefig(path, dpi=150)
 
 
 def evaluate_checkpoint(run, args, device):

@@ -766,26 +766,42 @@ def test_flow_synthetic_digits_are_mnist_like_and_class_dependent():
     assert x.min() == -1 and x.max() <= 1
 
 
-def test_flow_end_to_end_then_eval(tmp_path, capsys):
+def test_flow_end_to_end_then_eval(tmp_path, capsys, monkeypatch):
+    """Training in two parts (--resume) with the learning curve on, every figure, then --eval
+    with the classifier the curve trained (cached). In-process: the command line itself runs in
+    the Ctrl-C and torchrun tests."""
     out = tmp_path / "out"
-    common = [*TINY["flow_dit_mnist_cfg"], "--out-dir", str(out)]
-    train = run_script("flow_dit_mnist_cfg", *common, "--synthetic-size", "96", "--batch-size",
-                       "32", "--max-steps", "6", "--warmup-steps", "2",
-                       "--sample-every", "1")  # fmt: skip
-    assert train.returncode == 0, train.stderr[-2000:]
-    for name in ["ckpt.pt", "samples_epoch001.png", "class_grid.png", "guidance_sweep.png",
-                 "uncond_cond_cfg.png", "class_embeddings.png", "loss.png"]:  # fmt: skip
+    common = [*TINY["flow_dit_mnist_cfg"], "--out-dir", str(out), "--synthetic-size", "96",
+              "--classifier-steps", "2"]  # fmt: skip
+    train = common + ["--batch-size", "32", "--warmup-steps", "2", "--sample-every", "1",
+                      "--eval-every", "3"]  # fmt: skip
+    skip_experiments(flow, monkeypatch)  # the figures once, after the second part
+    code, first, err = run_main(flow, train + ["--max-steps", "3"], capsys)
+    assert code == 0, err
+    monkeypatch.undo()
+    code, second, err = run_main(flow, train + ["--max-steps", "6", "--resume"], capsys)
+    assert code == 0, err
+    for name in ["ckpt.pt", "samples_epoch001.png", "samples_epoch002.png", "class_grid.png",
+                 "guidance_sweep.png", "uncond_cond_cfg.png", "class_embeddings.png", "loss.png",
+                 "quality_curve.png"]:  # fmt: skip
         assert (out / name).stat().st_size > 0, name
     ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
     assert ckpt["script"] == "flow_dit_mnist_cfg" and ckpt["step"] == 6
     assert len(ckpt["losses"]) == 6
     assert {"model", "ema", "optimizer", "args", "model_args"} <= set(ckpt)
     assert ckpt["scheduler"]["_last_lr"] == [0.0], "the cosine ends at --max-steps"
+    # the learning curve: a point every 3 steps, kept across --resume, seconds growing
+    assert [point[0] for point in ckpt["curve"]] == [3, 6] and all(
+        0 <= accuracy <= 1 for _, _, accuracy in ckpt["curve"]
+    )
+    assert ckpt["curve"][0][1] < ckpt["curve"][1][1] <= ckpt["seconds"]
+    assert "quality | step       3" in first and "quality | step       6" in second
+    assert "classifier: trained 2 steps" in first and "classifier" not in second
 
-    flags = common + ["--synthetic-size", "96", "--eval", "--eval-per-class", "3",
-                      "--eval-scales", "0,4", "--classifier-steps", "2"]  # fmt: skip
-    code, stdout, err = run_main(flow, flags, capsys)
+    code, stdout, err = run_main(flow, common + ["--eval", "--eval-per-class", "3",
+                                                 "--eval-scales", "0,4"], capsys)  # fmt: skip
     assert code == 0, err
+    assert "classifier: trained" not in stdout, "the learning curve's classifier, cached"
     table = stdout.splitlines()
     header = next(i for i, line in enumerate(table) if line.split()[:2] == ["w", "accuracy"])
     assert table[header].split()[2:6] == ["95%", "interval", "confidence", "diversity"]
@@ -980,10 +996,10 @@ def test_flow_compile_wraps_ddp_and_compiles_once(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(torch, "compile", counting_compile)
     skip_experiments(flow, monkeypatch)
     torch._dynamo.reset()
-    flags = TINY["flow_dit_mnist_cfg"] + ["--depth", "1", "--synthetic-size", "52", "--epochs", "2",
+    flags = TINY["flow_dit_mnist_cfg"] + ["--depth", "1", "--synthetic-size", "52", "--epochs", "1",
              "--compile", "--out-dir", str(tmp_path)]  # fmt: skip
     code, out, err = run_main(flow, flags, capsys)
-    assert code == 0 and "done: 12 steps" in out, err
+    assert code == 0 and "done: 6 steps" in out, err
     assert len(graphs) == 1, "the training graph, compiled once"
     run = flow.setup(flow.get_args(flags), torch.device("cpu"), total_steps=1)
     for B, w in [(20, 4.0), (2, 4.0), (10, 1.0), (7, 0.0)]:  # 40, 4, 10, 7 images per pass
@@ -1125,20 +1141,6 @@ def test_flow_wilson_interval_diversity_and_frechet_distance_by_hand():
     by_hand = (va + vb - 2 * (va * vb).sqrt()).sum() + (a.mean(0) - b.mean(0)).square().sum()
     assert flow.frechet_distance(a, b) == pytest.approx(by_hand.item(), rel=0.02)
     assert flow.frechet_distance(a, a + 0.5 * shift) < flow.frechet_distance(a, a + shift)
-
-
-def test_flow_learning_curve_is_logged_plotted_and_survives_resume(tmp_path, monkeypatch, capsys):
-    skip_experiments(flow, monkeypatch)
-    flags = TINY["flow_dit_mnist_cfg"] + ["--max-steps", "4", "--eval-every", "2",
-             "--classifier-steps", "1", "--out-dir", str(tmp_path)]  # fmt: skip
-    flow.main(flags + ["--max-steps", "2"])
-    flow.main(flags + ["--resume"])
-    out = capsys.readouterr().out
-    curve = torch.load(tmp_path / "ckpt.pt", weights_only=True)["curve"]
-    assert [point[0] for point in curve] == [2, 4] and curve[0][1] < curve[1][1]
-    assert all(0 <= point[2] <= 1 for point in curve)
-    assert out.count("quality | step") == 2 and "classifier: trained 1 steps" in out
-    assert (tmp_path / "quality_curve.png").stat().st_size > 0
 
 
 def test_flow_guidance_interval_direction():
