@@ -1001,6 +1001,7 @@ def test_flow_compile_wraps_ddp_and_compiles_once(tmp_path, monkeypatch, capsys)
     code, out, err = run_main(flow, flags, capsys)
     assert code == 0 and "done: 6 steps" in out, err
     assert len(graphs) == 1, "the training graph, compiled once"
+    torch._dynamo.reset()  # as in --sample-only: the sampler compiles first
     run = flow.setup(flow.get_args(flags), torch.device("cpu"), total_steps=1)
     for B, w in [(20, 4.0), (2, 4.0), (10, 1.0), (7, 0.0)]:  # 40, 4, 10, 7 images per pass
         y = torch.arange(B) % 10
