@@ -526,10 +526,8 @@ def run_experiments(ema, sample, losses, args):
     out, w, n, seed = args.out_dir, args.guidance_scale, args.grid_per_class, args.seed
     plot_class_grid(ema, sample, f"{out}/class_grid.png", w, seed, n)
     # guidance_sweep.png: the same n noise images steered to --digit, one row per w
-    digits, scales = (
-        torch.arange(NUM_CLASSES, device=next(ema.parameters()).device),
-        args.guidance_scales,
-    )
+    scales = args.guidance_scales
+    digits = torch.arange(NUM_CLASSES, device=next(ema.parameters()).device)
     images = sample_rows(ema, sample, digits[args.digit].repeat(n), scales, seed)
     title = f"Digit {args.digit} at growing guidance scale w (same noise in every row)"
     save_image_grid(images, f"{out}/guidance_sweep.png", title, [f"w={s:g}" for s in scales])
