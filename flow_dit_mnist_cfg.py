@@ -674,10 +674,14 @@ def evaluate(model, sample, classifier, test_set, scales, interval, per_class, s
     row's FD (real against real) is the floor that finite sample sizes leave."""
     device = next(model.parameters()).device
     images, labels = test_set
-    half, other = images[0::2], images[1::2]  # the real row's digits come from `half` only
-    reference = classify(classifier, to_model_range(other), device)[1]  # (M, 128)
-    real = torch.cat([(labels[0::2] == c).nonzero()[:per_class, 0] for c in range(NUM_CLASSES)])
-    x_real, y_real = to_model_range(half[real]), labels[0::2][real]
+    # each class's test digits dealt alternately into two halves: the real row's come from the
+    # first (up to per_class of each class), the FD reference is the second
+    halves = [
+        torch.cat([(labels == c).nonzero()[i::2, 0] for c in range(NUM_CLASSES)]) for i in (0, 1)
+    ]
+    reference = classify(classifier, to_model_range(images[halves[1]]), device)[1]  # (M, 128)
+    real = torch.cat([halves[0][labels[halves[0]] == c][:per_class] for c in range(NUM_CLASSES)])
+    x_real, y_real = to_model_range(images[real]), labels[real]
     yield {"w": "real", "interval": None,
            **fidelity(classifier, x_real, y_real, device, reference)}  # fmt: skip
     y = torch.arange(NUM_CLASSES).repeat_interleave(per_class)  # (10 * per_class,)

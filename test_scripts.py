@@ -1144,6 +1144,17 @@ def test_flow_wilson_interval_diversity_and_frechet_distance_by_hand():
     assert flow.frechet_distance(a, a + 0.5 * shift) < flow.frechet_distance(a, a + shift)
 
 
+def test_flow_eval_real_row_has_every_class_in_interleaved_test_sets():
+    """Test digits stored as 0, 1, ..., 9, 0, 1, ... (as in some subsets): the real row still
+    holds per_class digits of every class, and its FD is against the other digits of each class."""
+    images = torch.randint(0, 256, (60, 1, 28, 28), dtype=torch.uint8)
+    labels, classifier = torch.arange(60) % 10, flow.build_classifier(1).eval()
+    model = torch.nn.Linear(1, 1)  # only its device is used for the real row
+    real = next(flow.evaluate(model, None, classifier, (images, labels), (), (0, 0.7), 3, 0))
+    assert real["w"] == "real" and not any(math.isnan(a) for a in real["per_class"])
+    assert real["fd"] > 0
+
+
 def test_flow_guidance_interval_direction():
     """[0, 0.5] is the data half of the path (t = 0 is data): Euler at t = 1, 0.75, 0.5, 0.25
     guides only the last two steps; a reversed t (1 - t) would guide the first two."""
