@@ -41,7 +41,15 @@ Outputs (in --out-dir): ckpt.pt, loss.png, samples_epochNNN.png previews, qualit
 experiments class_grid.png, guidance_sweep.png, uncond_cond_cfg.png, class_embeddings.png;
 --eval adds classifier.pt, eval.csv and eval.png.
 
-Measured (README.md has the tables): MEASURED
+Measured (README.md has the tables), on the 5k-digit MNIST subset (4,000 training digits), a
+2-core AMD EPYC CPU and torch 2.14.1: `python flow_dit_mnist_cfg.py --preset laptop` trains its
+1.85M-parameter DiT for 1,800 steps at 230-300 ms per step, and its learning curve (100 samples
+at w = 4) reads 19% at step 300, 70% at 900, 90% at 1,500 and 96% at 1,800.
+`python flow_dit_mnist_cfg.py --preset laptop --eval` (30 samples per digit and row, 20 Euler
+steps) then reads, at the default w = 4 guided only for t <= 0.7, 97.0% class accuracy (95%
+interval 94.4-98.4%) with a within-class diversity of 15.6, 0.86 of the real test digits' 18.2
+(which the classifier reads at 98.3%); guided over the whole path, w = 4 gives 100% but a
+diversity of 13.6. GPU: not measured.
 
 EMA: --ema-decay d averages the weights over about the last 1 / (1 - d) steps, after a warm-up in
 which the EMA is the plain mean of all weights so far: the GPU default 0.9995 is the mean of the
