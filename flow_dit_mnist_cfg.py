@@ -22,36 +22,43 @@ Papers:
   Heun ODE sampler   Karras et al. 2022 (EDM)    https://arxiv.org/abs/2206.00364
 
 Commands:
+  python flow_dit_mnist_cfg.py --preset laptop          # laptop CPU: real digits in minutes
+  python flow_dit_mnist_cfg.py --preset laptop --eval   # its class-fidelity table
   python flow_dit_mnist_cfg.py                      # MNIST on one GPU (30 epochs), then figures
   torchrun --standalone --nproc_per_node=4 flow_dit_mnist_cfg.py   # the same on 4 GPUs
   python flow_dit_mnist_cfg.py --resume             # continue from out/flow_dit_mnist/ckpt.pt
   python flow_dit_mnist_cfg.py --sample-only        # figures again from that checkpoint
   python flow_dit_mnist_cfg.py --eval               # class-fidelity table from that checkpoint
   python flow_dit_mnist_cfg.py --bench --compile    # speed table: fast vs plain path
-  python flow_dit_mnist_cfg.py --width 128 --depth 4 --heads 4 --cond-dim 256 --conv-channels 16 \
-      --label-init-std 1 --batch-size 64 --lr 2e-3 --warmup-steps 100 --epochs 34 \
-      --ema-decay 0.999 --guidance-interval 0,0.7 --sample-steps 20 \
-      --data-dir ../shared/mnist5k --device cpu
-                                                    # laptop CPU: real digits in under 7 minutes
+  python flow_dit_mnist_cfg.py --train-size 4000    # 400 digits per class, as measured below
+The laptop preset (PRESETS, beside the parser; `--help` lists its values) is counted in optimizer
+steps, so it costs the same on 4,000 digits as on all 60,000; any flag given on the command line
+overrides it. It writes to out/flow_dit_mnist_laptop, the GPU run to out/flow_dit_mnist; a fresh
+run refuses a folder that already holds a checkpoint.
 
-Outputs (in --out-dir): ckpt.pt, loss.png, samples_epochNNN.png previews, and the experiments
-class_grid.png, cfg_scales.png, uncond_cond_cfg.png, class_embeddings.png; --eval adds
-classifier.pt, eval.csv and eval.png.
+Outputs (in --out-dir): ckpt.pt, loss.png, samples_epochNNN.png previews, quality_curve.png (with
+--eval-every: the accuracy of 100 fixed-noise samples against step and seconds), and the
+experiments class_grid.png, guidance_sweep.png, uncond_cond_cfg.png, class_embeddings.png;
+--eval adds classifier.pt, eval.csv and eval.png.
 
-Measured (README.md has the tables): the laptop command above, on the 5k-digit MNIST subset
-(4,000 training digits) and a 2-core AMD EPYC CPU with torch 2.14.1, trains 2,142 steps in 401 s
-including the figures; `--eval` (100 samples per digit, 50 Euler steps, 21 minutes) then reads,
-at the default w = 4 guided only for t <= 0.7, 97.5% class accuracy with a within-class
-diversity of 16.1 (real test digits: 98.9% and 18.0); guided over the whole path, w = 4 gives
-99.8% but diversity 14.1. GPU: not measured yet.
+Measured (README.md has the tables), on the 5k-digit MNIST subset (4,000 training digits), a
+2-core AMD EPYC CPU and torch 2.14.1: `python flow_dit_mnist_cfg.py --preset laptop` trains its
+1.85M-parameter DiT for 1,800 steps at 230-300 ms per step, and its learning curve (100 samples
+at w = 4) reads 19% at step 300, 70% at 900, 90% at 1,500 and 96% at 1,800.
+`python flow_dit_mnist_cfg.py --preset laptop --eval` (30 samples per digit and row, 20 Euler
+steps) then reads, at the default w = 4 guided only for t <= 0.7, 97.0% class accuracy (95%
+interval 94.4-98.4%) with a within-class diversity of 15.6, 0.86 of the real test digits' 18.2
+(which the classifier reads at 98.3%); guided over the whole path, w = 4 gives 100% but a
+diversity of 13.6. GPU: not measured.
 
-The laptop recipe differs from the GPU defaults (full MNIST, tens of thousands of steps) to get
-far in 2,000 steps: a smaller DiT, 20x the lr, a short warm-up and EMA, a conv stem and head, loud
-class embeddings and guidance only for t <= 0.7 (README.md, "On a laptop CPU", says why).
+EMA: --ema-decay d averages the weights over about the last 1 / (1 - d) steps, after a warm-up in
+which the EMA is the plain mean of all weights so far: the GPU default 0.9995 is the mean of the
+first 2,000 steps, then a 2,000-step average in a 14,040-step run; the laptop preset's 0.996 a
+250-step average in its 1,800 steps.
 
-Left out on purpose: latent space / VAE (28x28 pixels are cheap), FID (the classifier table
-measures what this lesson is about), learned sigma, timestep shifting, adaptive ODE solvers,
-minibatch optimal-transport couplings. Each would hide the lesson under machinery.
+Left out on purpose: latent space / VAE (28x28 pixels are cheap), FID's Inception network (FD is
+computed in the eval classifier's features instead), learned sigma, timestep shifting, adaptive
+ODE solvers, minibatch optimal-transport couplings. Each would hide the lesson under machinery.
 """
 
 import argparse
@@ -81,7 +88,6 @@ NUM_CLASSES = 10
 NULL_CLASS = NUM_CLASSES  # the learned "no label" row of the class embedding table
 IMAGE_SIZE, IN_CHANNELS = 28, 1  # MNIST and the synthetic digits are both 1 x 28 x 28
 DIGITS = list("0123456789")  # class names in figures and the --eval table
-CFG_SCALES = (1, 2, 3, 4, 5, 7)  # guidance scales of the CFG-scale comparison figure
 # The flags that fix the network: checkpoints store them (nanoGPT's model_args) for --resume etc.
 MODEL_ARGS = "dataset width depth heads patch_size mlp_ratio cond_dim conv_channels".split()
 CHECKPOINT_PARTS = ("model", "ema", "optimizer", "scheduler", "scaler")  # with state_dict()s
@@ -446,11 +452,27 @@ def to_model_range(images):
 def epoch_batches(num_items, batch_size, epoch, seed, rank=0, world_size=1, device="cpu"):
     """Index batches for one epoch: a permutation that depends only on seed and epoch (the same on
     every rank), cut into one equal shard per rank (the last N % world_size items are skipped, so
-    every rank takes the same number of steps). The last batch may be smaller."""
+    every rank takes the same number of steps). Every batch holds batch_size items: the last,
+    shorter one is left out (a new shape would make torch.compile compile again)."""
     g = torch.Generator().manual_seed(1_000_000 * seed + epoch)
     perm = torch.randperm(num_items, generator=g)
     perm = perm[: num_items - num_items % world_size][rank::world_size]
-    return perm.to(device).split(batch_size)
+    full = len(perm) - len(perm) % batch_size
+    return perm[:full].to(device).split(batch_size)
+
+
+def balanced_subset(labels, size, seed):
+    """Indices (size,) of size / 10 training digits of each class, chosen by seed: --train-size
+    4000 on full MNIST trains on as many digits as the 4,000-digit measurements did."""
+    g = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in range(NUM_CLASSES):
+        of_class = (labels == c).nonzero()[:, 0]
+        if len(of_class) < size // NUM_CLASSES:
+            fail(f"--train-size {size} needs {size // NUM_CLASSES} digits of each class, but the "
+                 f"data holds only {len(of_class)} of class {c}")  # fmt: skip
+        keep.append(of_class[torch.randperm(len(of_class), generator=g)[: size // NUM_CLASSES]])
+    return torch.cat(keep).sort().values
 
 
 # -----------------------------------------------------------------------------
@@ -460,13 +482,18 @@ def epoch_batches(num_items, batch_size, epoch, seed, rank=0, world_size=1, devi
 # that only the quantity being studied changes.
 
 
-def sample_rows(model, sample, y, scales, seed):
+def sample_rows(model, sample, y, scales, seed, batch=500, bar=None):
     """Samples (len(scales) * B, C, H, W) of the classes y (B,) at each guidance scale w in turn,
-    every w from the same noise; at most 500 images per pass."""
+    every w from the same noise; at most `batch` images per pass, counted on a tqdm `bar`."""
     g = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same numbers on any device
     noise = torch.randn(len(y), IN_CHANNELS, IMAGE_SIZE, IMAGE_SIZE, generator=g).to(y.device)
-    parts = list(zip(y.split(500), noise.split(500)))
-    return torch.cat([sample(model, y_part, w, z) for w in scales for y_part, z in parts])
+    images = []
+    for w in scales:
+        for y_part, z in zip(y.split(batch), noise.split(batch)):
+            images.append(sample(model, y_part, w, z))
+            if bar is not None:
+                bar.update(len(y_part))
+    return torch.cat(images)
 
 
 def plot_class_grid(model, sample, path, w, seed, per_class=8):
@@ -504,13 +531,14 @@ def plot_class_embeddings(model, path):
 
 def run_experiments(ema, sample, losses, args):
     """All figures of the lesson from a trained (EMA) model, no training needed."""
-    out, w, n, seed = args.out_dir, args.guidance_scale, args.grid_rows, args.seed
+    out, w, n, seed = args.out_dir, args.guidance_scale, args.grid_per_class, args.seed
     plot_class_grid(ema, sample, f"{out}/class_grid.png", w, seed, n)
-    # cfg_scales.png: the same n noise images steered to --digit, one row per guidance scale w
+    # guidance_sweep.png: the same n noise images steered to --digit, one row per w
+    scales = args.guidance_scales
     digits = torch.arange(NUM_CLASSES, device=next(ema.parameters()).device)
-    images = sample_rows(ema, sample, digits[args.digit].repeat(n), CFG_SCALES, seed)
+    images = sample_rows(ema, sample, digits[args.digit].repeat(n), scales, seed)
     title = f"Digit {args.digit} at growing guidance scale w (same noise in every row)"
-    save_image_grid(images, f"{out}/cfg_scales.png", title, [f"w={s:g}" for s in CFG_SCALES])
+    save_image_grid(images, f"{out}/guidance_sweep.png", title, [f"w={s:g}" for s in scales])
     # uncond_cond_cfg.png: a column per digit, each from its own noise; rows: unconditional (w=0,
     # the label is ignored), conditional (w=1) and guided (w)
     rows = {"uncond w=0": 0.0, "cond w=1": 1.0, f"CFG w={w:g}": w}
@@ -555,29 +583,30 @@ def build_classifier(in_channels):
     )  # fmt: skip
 
 
-def train_classifier(images, labels, epochs, seed, device, batch_size=128, lr=2e-3):
-    """AdamW, one-cycle lr, on uint8 images (N, C, H, W) shifted at random by up to 2 pixels."""
+def train_classifier(images, labels, steps, seed, device, batch_size=128, lr=2e-3):
+    """AdamW, one-cycle lr, `steps` batches of uint8 images (N, C, H, W) shifted at random by up
+    to 2 pixels: a fixed number of steps, so it costs the same on 4,000 digits or on 60,000."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # the initial weights and dropout masks
     classifier = build_classifier(images.shape[1]).to(device)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr, weight_decay=1e-4)
-    total = epochs * math.ceil(len(images) / batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=total)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps)
+    epochs = math.ceil(steps * batch_size / len(images))  # whole passes in a fresh order each
+    order = torch.cat([torch.randperm(len(images), generator=g) for _ in range(epochs)])
     H, W = images.shape[-2:]
-    for _ in range(epochs):
-        for idx in torch.randperm(len(images), generator=g).split(batch_size):
-            padded = F.pad(to_model_range(images[idx]), (2, 2, 2, 2), value=-1.0)
-            dy, dx = torch.randint(0, 5, (2, len(idx)), generator=g).tolist()
-            x = torch.stack([p[:, i : i + H, j : j + W] for p, i, j in zip(padded, dy, dx)])
-            loss = F.cross_entropy(classifier(x.to(device)), labels[idx].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+    for idx in order[: steps * batch_size].view(steps, batch_size):
+        padded = F.pad(to_model_range(images[idx]), (2, 2, 2, 2), value=-1.0)
+        dy, dx = torch.randint(0, 5, (2, len(idx)), generator=g).tolist()
+        x = torch.stack([p[:, i : i + H, j : j + W] for p, i, j in zip(padded, dy, dx)])
+        loss = F.cross_entropy(classifier(x.to(device)), labels[idx].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
     return classifier.eval()
 
 
-def get_classifier(path, trained_from, images, labels, epochs, seed, device):
+def get_classifier(path, trained_from, images, labels, steps, seed, device):
     """The classifier cached at `path` if trained from exactly `trained_from`, else a new one."""
     with contextlib.suppress(Exception):  # missing, unreadable or stale: train a new one
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -585,10 +614,10 @@ def get_classifier(path, trained_from, images, labels, epochs, seed, device):
             classifier = build_classifier(images.shape[1]).to(device)
             classifier.load_state_dict(state["model"])
             return classifier.eval()
-    t0 = time.time()
-    classifier = train_classifier(images, labels, epochs, seed, device)
+    t0 = time.perf_counter()
+    classifier = train_classifier(images, labels, steps, seed, device)
     save_checkpoint({"trained_from": trained_from, "model": classifier.state_dict()}, path)
-    print(f"classifier: trained {epochs} epochs in {time.time() - t0:.0f} s, saved to {path}")
+    print(f"classifier: trained {steps} steps in {time.perf_counter() - t0:.0f} s, saved to {path}")
     return classifier
 
 
@@ -598,55 +627,112 @@ def mean_pairwise_distance(images):
     return (torch.cdist(flat, flat).sum() / (len(flat) * (len(flat) - 1))).item()
 
 
+def frechet_distance(a, b):
+    """Frechet distance between Gaussians fitted to features a (N, D) and b (M, D), as in FID
+    (Heusel et al. 2017): |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)). The trace of the
+    root is summed from the eigenvalues of the symmetric S_a^(1/2) S_b S_a^(1/2), which has the
+    same eigenvalues as S_a S_b."""
+    a, b = a.double(), b.double()
+    s_a, s_b = torch.cov(a.T), torch.cov(b.T)  # (D, D) each
+    values, vectors = torch.linalg.eigh(s_a)
+    root_a = vectors * values.clamp_min(0).sqrt() @ vectors.T  # S_a^(1/2)
+    cross = torch.linalg.eigvalsh(root_a @ s_b @ root_a).clamp_min(0).sqrt().sum()
+    return ((a.mean(0) - b.mean(0)).square().sum() + s_a.trace() + s_b.trace() - 2 * cross).item()
+
+
+def wilson_interval(p, n, z=1.96):
+    """95% interval of a fraction p measured on n samples (Wilson score interval: unlike
+    p +- z sqrt(p (1 - p) / n) it stays inside [0, 1] and is not empty at p = 1)."""
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+
+
 @torch.no_grad()
-def fidelity(classifier, images, labels, device):
-    """accuracy: fraction classified as the requested class; confidence: mean probability of the
-    requested class; diversity: mean pairwise distance within a class, averaged over classes;
-    per_class: the accuracy of each class. images (N, C, H, W) in [-1, 1], on the CPU."""
-    logits = torch.cat([classifier(x.to(device)).float().cpu() for x in images.split(500)])
+def classify(classifier, images, device):
+    """(logits (N, 10), penultimate features (N, 128)) of images (N, C, H, W), on the CPU."""
+    features = torch.cat([classifier[:-1](x.to(device)).float().cpu() for x in images.split(500)])
+    return classifier[-1](features.to(device)).float().cpu(), features
+
+
+def fidelity(classifier, images, labels, device, reference=None):
+    """accuracy: fraction classified as the requested class, with its 95% interval; confidence:
+    mean probability of the requested class; diversity: mean pairwise distance within a class,
+    averaged over classes; per_class: the accuracy of each class; fd: the Frechet distance
+    between the images' and the `reference` features (if given). images (N, C, H, W) in
+    [-1, 1], on the CPU."""
+    logits, features = classify(classifier, images, device)
     probs = logits.softmax(-1)  # (N, 10)
     hit = (probs.argmax(1) == labels).float()  # (N,)
     classes = [c for c in range(NUM_CLASSES) if (labels == c).sum() >= 2]
     return {
         "accuracy": hit.mean().item(),
+        "interval95": wilson_interval(hit.mean().item(), len(hit)),
         "confidence": probs[torch.arange(len(labels)), labels].mean().item(),
         "diversity": statistics.mean(mean_pairwise_distance(images[labels == c]) for c in classes),
+        "fd": math.nan if reference is None else frechet_distance(features, reference),
         "per_class": [hit[labels == c].mean().item() for c in range(NUM_CLASSES)],
     }
 
 
 def evaluate(model, sample, classifier, test_set, scales, interval, per_class, seed):
-    """The --eval table: a `real` row for up to per_class test images of each class, one row per
-    guidance scale w on the whole path, and one per w > 1 guided only in `interval`. Every row
-    starts from the same noise, so the rows differ only by the guidance."""
+    """The --eval table, one row at a time as each is done: a `real` row for up to per_class test
+    digits of each class, one row per guidance scale w on the whole path, and one per w > 1
+    guided only in `interval`. Every row starts from the same noise, so the rows differ only by
+    the guidance. FD compares each row with the other half of the test digits, so the `real`
+    row's FD (real against real) is the floor that finite sample sizes leave."""
     device = next(model.parameters()).device
     images, labels = test_set
-    real = torch.cat([(labels == c).nonzero()[:per_class, 0] for c in range(NUM_CLASSES)])
+    # each class's test digits dealt alternately into two halves: the real row's come from the
+    # first (up to per_class of each class), the FD reference is the second
+    halves = [
+        torch.cat([(labels == c).nonzero()[i::2, 0] for c in range(NUM_CLASSES)]) for i in (0, 1)
+    ]
+    reference = classify(classifier, to_model_range(images[halves[1]]), device)[1]  # (M, 128)
+    real = torch.cat([halves[0][labels[halves[0]] == c][:per_class] for c in range(NUM_CLASSES)])
     x_real, y_real = to_model_range(images[real]), labels[real]
-    rows = [{"w": "real", "interval": None, **fidelity(classifier, x_real, y_real, device)}]
+    yield {"w": "real", "interval": None,
+           **fidelity(classifier, x_real, y_real, device, reference)}  # fmt: skip
     y = torch.arange(NUM_CLASSES).repeat_interleave(per_class)  # (10 * per_class,)
     for w, where in [(w, None) for w in scales] + [(w, interval) for w in scales if w > 1]:
         guided = partial(sample, interval=where or (0, 1))
-        samples = sample_rows(model, guided, y.to(device), [w], seed).cpu()
-        rows.append({"w": w, "interval": where, **fidelity(classifier, samples, y, device)})
-    return rows
+        with tqdm(
+            total=len(y), desc=row_label({"w": w, "interval": where}), unit="img", leave=False
+        ) as bar:
+            samples = sample_rows(model, guided, y.to(device), [w], seed, 100, bar).cpu()
+        yield {"w": w, "interval": where,
+               **fidelity(classifier, samples, y, device, reference)}  # fmt: skip
+
+
+EVAL_HEADER = ["w", "accuracy", "95% interval", "confidence", "diversity", "FD", *DIGITS]
+
+
+def row_label(row):
+    """'real', '4', or '4 in [0, 0.7]' for a row guided only in an interval."""
+    label = "real" if row["w"] == "real" else f"{row['w']:g}"
+    return label + (" in [{:g}, {:g}]".format(*row["interval"]) if row["interval"] else "")
+
+
+def print_eval_row(row):
+    """One line of the table, printed as soon as its row is done (the header for row=None)."""
+    if row is None:
+        h = EVAL_HEADER
+        return print(f"{h[0]:>15}{h[1]:>9}{h[2]:>17}" + "".join(f"{c:>11}" for c in h[3:]))
+    lo, hi = row["interval95"]
+    values = [row["confidence"], row["diversity"], row["fd"], *row["per_class"]]
+    print(f"{row_label(row):>15}{row['accuracy']:9.3f}   [{lo:.3f}, {hi:.3f}]"
+          + "".join(f"{v:11.3f}" for v in values), flush=True)  # fmt: skip
 
 
 def report_eval(rows, out_dir):
-    """The table on stdout and in eval.csv, with each class's accuracy, and eval.png: accuracy
-    and diversity against w, and which classes guidance helps most."""
-    labels = [f"{r['w']:g}" if r["w"] != "real" else "real" for r in rows]
-    labels = [w + (" in [{:g}, {:g}]".format(*r["interval"]) if r["interval"] else "")
-              for w, r in zip(labels, rows)]  # fmt: skip
-    header = ["w", "accuracy", "confidence", "diversity", *DIGITS]
-    print(f"{header[0]:>15}" + "".join(f"{h[:10]:>11}" for h in header[1:]))
+    """eval.csv, with each class's accuracy, and eval.png: accuracy and diversity against w, and
+    which classes guidance helps most."""
+    labels = [row_label(r) for r in rows]
     with open(os.path.join(out_dir, "eval.csv"), "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(header)
+        writer.writerow(["w", "accuracy", "accuracy_lo95", "accuracy_hi95", *EVAL_HEADER[3:]])
         for label, r in zip(labels, rows):
-            values = [r["accuracy"], r["confidence"], r["diversity"], *r["per_class"]]
-            writer.writerow([label, *values])
-            print(f"{label:>15}" + "".join(f"{v:11.3f}" for v in values))
+            writer.writerow([label, r["accuracy"], *r["interval95"], r["confidence"],
+                             r["diversity"], r["fd"], *r["per_class"]])  # fmt: skip
     fig = figure(figsize=(16, 4))
     axes = fig.subplots(1, 3)
     full = [r for r in rows[1:] if r["interval"] is None]
@@ -678,9 +764,10 @@ def update_ema(ema, model, decay):
 
 
 def ema_decay_at(step, decay):
-    """EMA warm-up: early on the average would be stuck near the random init, so the effective
-    decay grows as (1 + step) / (10 + step) until it reaches the configured value."""
-    return min(decay, (1 + step) / (10 + step))
+    """EMA decay for the update after optimizer step `step` (0-based): step / (step + 1) makes
+    the EMA the plain mean of all weights so far, until that reaches `decay` at step
+    1 / (1 - decay) - 1; from there on it averages over about the last 1 / (1 - decay) steps."""
+    return min(decay, step / (step + 1))
 
 
 def warmup_cosine(step, warmup_steps, total_steps):
@@ -699,16 +786,15 @@ def setup(args, device, total_steps):
     model = build_model(args).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     # fused AdamW: one kernel for the whole update instead of several per parameter tensor
-    fused = device.type in ("cuda", "cpu")
-    optimizer = torch.optim.AdamW(
-        model.parameters(), args.lr, weight_decay=args.weight_decay, fused=fused
-    )
+    optimizer = torch.optim.AdamW(model.parameters(), args.lr, weight_decay=args.weight_decay,
+                                  fused=device.type in ("cuda", "cpu"))  # fmt: skip
     lr_lambda = partial(warmup_cosine, warmup_steps=args.warmup_steps, total_steps=total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only
-    train_model = torch.compile(model) if args.compile else model
-    if dist.is_initialized():
-        train_model = DistributedDataParallel(train_model)
+    train_model = DistributedDataParallel(model) if dist.is_initialized() else model
+    # compile the DDP-wrapped model, so that the gradient all-reduce overlaps the backward pass;
+    # training batches all have one shape (epoch_batches), so this compiles once
+    train_model = torch.compile(train_model) if args.compile else train_model
 
     def step(x0, y, ema_decay):
         """loss, backward, clip, AdamW, EMA; returns the loss unsynced, so the GPU runs ahead."""
@@ -729,7 +815,8 @@ def setup(args, device, total_steps):
         with ctx:
             return generate(model, y, w, noise, args.sample_steps, args.solver, interval)
 
-    sampler = torch.compile(ema) if args.compile else ema  # the EMA, compiled separately
+    # the EMA, compiled separately; dynamic: one graph for every batch size the figures use
+    sampler = torch.compile(ema, dynamic=True) if args.compile else ema
     return SimpleNamespace(model=model, ema=ema, optimizer=optimizer, scheduler=scheduler,
                            scaler=scaler, step=step, sampler=sampler, sample=sample,
                            dtype=dtype)  # fmt: skip
@@ -743,42 +830,64 @@ def main(argv=None):
         return benchmark(args, device)
     no_training = args.sample_only or args.eval
     ckpt_path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
-    check_output_paths(args.out_dir, ckpt_path, writes_ckpt=not no_training)
-    ckpt = load_checkpoint(ckpt_path, args) if args.resume or no_training else None  # +MODEL_ARGS
-    if no_training:
+    check_output_paths(args.out_dir, ckpt_path, writes_ckpt=not no_training,
+                       fresh=not (args.resume or no_training))  # fmt: skip
+    if no_training:  # figures or the table from a checkpoint: one process is enough
+        if world_size > 1:
+            dist.destroy_process_group()
+            if not master:
+                return None
+        ckpt = load_checkpoint(ckpt_path, args)  # and its MODEL_ARGS into args
         run = setup(args, device, total_steps=1)
         run.model.load_state_dict(ckpt["model"])
         run.ema.load_state_dict(ckpt["ema"])
-        if master and args.sample_only:
+        if args.sample_only:
             run_experiments(run.sampler, run.sample, ckpt["losses"], args)
-        if master and args.eval:
+        if args.eval:
             evaluate_checkpoint(run, args, device)
         return run.model
+    ckpt = load_checkpoint(ckpt_path, args) if args.resume else None  # and its MODEL_ARGS
 
     if rank > 0:
         dist.barrier()  # rank 0 downloads the dataset first, the others then read it
-    images, labels = load_dataset(args.dataset, args.data_dir, args.synthetic_size, args.seed)
+    all_images, all_labels = load_dataset(args.dataset, args.data_dir, args.synthetic_size,
+                                          args.seed)  # fmt: skip
     if world_size > 1 and rank == 0:
         dist.barrier()
-    images, labels = images.to(device), labels.to(device)  # all of MNIST: 47 MB on the GPU
+    keep = slice(None)  # all digits, or a balanced subset chosen by the seed (on every rank alike)
+    if args.train_size:
+        keep = balanced_subset(all_labels, args.train_size, args.seed)
+    images, labels = all_images[keep].to(device), all_labels[keep].to(device)  # MNIST: 47 MB
     rank_batch = args.batch_size // world_size
-    steps_per_epoch = math.ceil(len(images) // world_size / rank_batch)
-    total_steps = args.epochs * steps_per_epoch
-    max_steps = min(total_steps, args.max_steps or total_steps)
-    run, step, losses, saved_step = setup(args, device, total_steps), 0, [], None
+    steps_per_epoch = len(images) // world_size // rank_batch  # the last, shorter batch is left
+    if steps_per_epoch == 0:
+        fail(f"--batch-size {args.batch_size} is larger than the {len(images)} training images")
+    max_steps = args.max_steps or args.epochs * steps_per_epoch  # the lr schedule spans them
+    run, step, losses, saved_step = setup(args, device, max_steps), 0, [], None
+    curve, seconds = [], 0.0  # the learning curve (step, seconds, accuracy); training time
     if ckpt:
-        for part in CHECKPOINT_PARTS:  # the scaler's state is empty unless --dtype fp16
-            getattr(run, part).load_state_dict(ckpt[part])
+        for part in CHECKPOINT_PARTS:
+            if part != "scaler" or ckpt[part]:  # empty unless saved with --dtype fp16
+                getattr(run, part).load_state_dict(ckpt[part])
         step, losses, saved_step = ckpt["step"], ckpt["losses"], ckpt["step"]
+        curve, seconds = ckpt.get("curve", []), ckpt.get("seconds", 0.0)
     if master:
         resumed = f", resumed at step {step}" if ckpt else ""
         print(f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters, {device}, "
-              f"{run.dtype}, {world_size} process(es){resumed}")  # fmt: skip
+              f"{run.dtype}, {world_size} process(es), {len(images)} training images, "
+              f"{max_steps} steps{resumed}")  # fmt: skip
+    check_quality = None
+    if master and args.eval_every:
+        classifier = get_classifier(f"{args.out_dir}/classifier.pt", classifier_key(args),
+                                    all_images, all_labels, args.classifier_steps, args.seed,
+                                    device)  # fmt: skip
+        check_quality = partial(quality_check, run.sampler, run.sample, classifier,
+                                args.guidance_scale, args.seed)  # fmt: skip
 
-    batches, window, stop, stop_signal = None, [], False, StopSignal()
+    batches, window, stop, hint = None, [], False, args.preset is None
     bar = tqdm(total=max_steps, initial=step, disable=not master, leave=False, dynamic_ncols=True)
-    t_log = time.perf_counter()
-    try:
+    t_start = t_log = time.perf_counter()
+    with StopSignal() as stop_signal, bar:  # restores the signal handlers, closes the bar
         while step < max_steps and not stop:
             epoch, i = divmod(step, steps_per_epoch)
             if i == 0 or batches is None:  # a fresh order each epoch, a function of seed and epoch
@@ -789,7 +898,9 @@ def main(argv=None):
             window.append(run.step(x0, y, ema_decay_at(step, args.ema_decay)))
             step, epoch_end = step + 1, (step + 1) % steps_per_epoch == 0 or step + 1 == max_steps
             bar.update()
-            if step % args.log_every and not epoch_end:
+            # the same on every rank: the check below makes all of them agree
+            curve_due = args.eval_every and (step % args.eval_every == 0 or step == max_steps)
+            if step % args.log_every and not epoch_end and not curve_due:
                 continue
             # every --log-every steps one check: non-finite loss, Ctrl-C, all DDP ranks agreeing
             window_losses, nonfinite, stop = check_window(window, stop_signal.requested, world_size)
@@ -800,26 +911,32 @@ def main(argv=None):
                 fail(f"loss became non-finite at step {bad_step}; stopped without saving ({kept}"
                      " kept). Try a lower --lr, or --dtype fp32", code=1)  # fmt: skip
             losses += window_losses.tolist()
-            dt, window = (time.perf_counter() - t_log) / len(window), []
+            now = time.perf_counter()
+            dt, window = (now - t_log) / len(window), []
             if master:
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 tqdm.write(f"epoch {epoch + 1:3d} | step {step:7d} | loss {losses[-1]:.4f} | lr "
                            f"{run.scheduler.get_last_lr()[0]:.2e} | {1e3 * dt:6.1f} ms/step | "
                            f"{args.batch_size / dt:6.0f} img/s")  # fmt: skip
+                if hint:  # after the first window: a GPU-sized run on a laptop says so
+                    hint = slow_hardware_hint(dt, max_steps, device)
+            if master and curve_due:
+                curve.append((step, seconds + now - t_start, check_quality()))
+                tqdm.write(f"quality | step {step:7d} | {curve[-1][1]:6.0f} s | accuracy "
+                           f"{curve[-1][2]:.3f} at w = {args.guidance_scale:g}")  # fmt: skip
+                save_quality_curve(curve, f"{args.out_dir}/quality_curve.png")
             if stop or step == max_steps or (epoch_end and (epoch + 1) % args.save_every == 0):
                 if master:
                     state = {k: getattr(run, k).state_dict() for k in CHECKPOINT_PARTS}
                     state["model_args"] = {key: getattr(args, key) for key in MODEL_ARGS}
-                    state.update(script=SCRIPT, args=vars(args), step=step, losses=losses)
+                    state.update(script=SCRIPT, args=vars(args), step=step, losses=losses,
+                                 curve=curve, seconds=seconds + now - t_start)  # fmt: skip
                     save_checkpoint(state, ckpt_path)
                 saved_step = step
-            if master and epoch_end and (epoch + 1) % args.sample_every == 0:
+            if master and epoch_end and args.sample_every and (epoch + 1) % args.sample_every == 0:
                 path = f"{args.out_dir}/samples_epoch{epoch + 1:03d}.png"
                 plot_class_grid(run.sampler, run.sample, path, args.guidance_scale, args.seed, 4)
             t_log = time.perf_counter()
-    finally:
-        stop_signal.restore()
-        bar.close()
 
     if master:
         if stop:
@@ -833,19 +950,63 @@ def main(argv=None):
     return run.model
 
 
+def slow_hardware_hint(seconds_per_step, steps, device):
+    """One line when a run on a CPU or MPS device would take longer than a laptop recipe: the
+    time of the whole run at the measured speed, and the preset that fits. Training goes on."""
+    hours = seconds_per_step * steps / 3600
+    if device.type in ("cpu", "mps") and hours > 1 / 6:
+        tqdm.write(f"note: {steps} steps at {1e3 * seconds_per_step:.0f} ms/step take about "
+                   f"{hours:.1f} h on this {device.type}; `--preset laptop` trains real digits "
+                   "in minutes on a laptop CPU")  # fmt: skip
+    return False  # said once at most
+
+
+def classifier_key(args):
+    """What the eval classifier is trained from: the cached one is valid for these only."""
+    keys = "dataset data_dir synthetic_size seed classifier_steps".split()
+    return {k: getattr(args, k) for k in keys}
+
+
+def quality_check(model, sample, classifier, w, seed, per_class=10):
+    """The learning curve's point: accuracy of a fixed set (the same noise every time) of
+    per_class samples of each digit at guidance scale w."""
+    device = next(model.parameters()).device
+    y = torch.arange(NUM_CLASSES).repeat_interleave(per_class)  # (10 * per_class,)
+    samples = sample_rows(model, sample, y.to(device), [w], seed).cpu()
+    return fidelity(classifier, samples, y, device)["accuracy"]
+
+
+def save_quality_curve(curve, path):
+    """quality_curve.png: the learning curve's accuracy against step and wall-clock seconds."""
+    steps, seconds, accuracy = zip(*curve)
+    fig = figure(figsize=(10, 3.5), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, x, label in zip(axes, (steps, seconds), ("optimizer step", "seconds since the start")):
+        ax.plot(x, accuracy, "o-")
+        ax.set(xlabel=label, ylim=(0, 1.02))
+    axes[0].set_ylabel("classified as requested")
+    fig.suptitle("Learning curve: 10 fixed-noise samples per digit, scored by the eval classifier")
+    fig.savefig(path, dpi=150)
+
+
 def evaluate_checkpoint(run, args, device):
-    """--eval: the classifier (trained once, cached in --out-dir), then the fidelity table."""
+    """--eval: the classifier (trained once, cached in --out-dir), then the fidelity table, each
+    row printed as soon as it is done, then eval.csv and eval.png."""
     train_set, test_set = (load_dataset(args.dataset, args.data_dir, args.synthetic_size,
                                         args.seed, train) for train in (True, False))  # fmt: skip
-    keys = "dataset data_dir synthetic_size seed classifier_epochs".split()
-    trained_from = {k: getattr(args, k) for k in keys}  # the cache is valid for these only
-    classifier = get_classifier(f"{args.out_dir}/classifier.pt", trained_from, *train_set,
-                                args.classifier_epochs, args.seed, device)  # fmt: skip
-    t0 = time.time()
-    rows = evaluate(run.sampler, run.sample, classifier, test_set, args.eval_scales,
-                    args.eval_interval, args.eval_per_class, args.seed)  # fmt: skip
-    print(f"class fidelity: {args.eval_per_class} samples per class and row, "
-          f"{args.solver} {args.sample_steps} steps, {time.time() - t0:.0f} s")  # fmt: skip
+    classifier = get_classifier(f"{args.out_dir}/classifier.pt", classifier_key(args), *train_set,
+                                args.classifier_steps, args.seed, device)  # fmt: skip
+    per_class = args.eval_per_class or (100 if device.type == "cuda" else 30)
+    print(f"class fidelity: {per_class} samples per class and row, {args.solver} "
+          f"{args.sample_steps} steps; accuracy with its 95% (Wilson) interval; FD: Frechet "
+          "distance to half of the test digits in the classifier's features")  # fmt: skip
+    t0, rows = time.perf_counter(), []
+    print_eval_row(None)
+    for row in evaluate(run.sampler, run.sample, classifier, test_set, args.eval_scales,
+                        args.eval_interval, per_class, args.seed):  # fmt: skip
+        print_eval_row(row)
+        rows.append(row)
+    print(f"{len(rows)} rows in {time.perf_counter() - t0:.0f} s")
     report_eval(rows, args.out_dir)
 
 
@@ -879,16 +1040,46 @@ interval_pair = checked(floats, lambda v: len(v) == 2 and 0 <= v[0] < v[1] <= 1,
                         "two numbers LO,HI with 0 <= LO < HI <= 1, like 0.2,0.8")  # fmt: skip
 
 
+# Presets: recipes of flag values; they become the parser's defaults, so a flag given on the
+# command line wins. The laptop recipe is counted in optimizer steps, so it costs the same on the
+# 4,000-digit subset as on full MNIST: a small DiT, 20x the lr, a short warm-up and EMA, a conv
+# stem and head, loud class embeddings and guidance only for t <= 0.7.
+PRESETS = {
+    "laptop": {
+        "width": 128, "depth": 4, "heads": 4, "cond_dim": 256, "conv_channels": 16,
+        "label_init_std": 1.0, "batch_size": 64, "lr": 2e-3, "warmup_steps": 100,
+        "max_steps": 1800, "ema_decay": 0.996, "guidance_interval": (0.0, 0.7),
+        "sample_steps": 20, "eval_every": 300, "out_dir": "out/flow_dit_mnist_laptop",
+    },
+}  # fmt: skip
+
+
+def preset_help():
+    """--preset's help: each preset as the flags it stands for."""
+
+    def flag(key, value):
+        value = ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else value
+        return f"--{key.replace('_', '-')} {value}"
+
+    recipes = (
+        f"{name} = {' '.join(flag(k, v) for k, v in d.items())}" for name, d in PRESETS.items()
+    )
+    return "a recipe of flag values (flags given on the command line win): " + "; ".join(recipes)
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(f"{SCRIPT}.py")
     p.description = "Class-conditional flow matching with a DiT on MNIST, with CFG."
     p.formatter_class = argparse.ArgumentDefaultsHelpFormatter  # --help shows every default
     p.error = fail  # one line instead of the whole usage block, exit code 2
     # fmt: off
+    p.add_argument("--preset", choices=tuple(PRESETS), default=None, help=preset_help())
     add = p.add_argument_group("data").add_argument
     add("--dataset", choices=("mnist", "synthetic"), default="mnist",
         help="torchvision MNIST, or procedural seven-segment digits built in memory")
     add("--data-dir", default="data", help="where torchvision finds or downloads MNIST")
+    add("--train-size", type=nonnegative_int, default=0,
+        help="train on a balanced subset: N/10 digits per class, chosen by --seed; 0: all")
     add("--synthetic-size", type=positive_int, default=10000, help="images in --dataset synthetic")
     add = p.add_argument_group("model").add_argument
     add("--width", type=positive_int, default=256, help="transformer width (channels)")
@@ -907,17 +1098,19 @@ def get_args(argv=None):
     add = p.add_argument_group("training").add_argument
     add("--epochs", type=positive_int, default=30, help="passes over the training set")
     add("--max-steps", type=positive_int, default=None,
-        help="stop after this many optimizer steps in all; the lr schedule still spans --epochs")
+        help="the run's length in optimizer steps (the lr schedule spans them); replaces --epochs")
     add("--batch-size", type=positive_int, default=128, help="global batch, split over ranks")
     add("--lr", type=positive_float, default=1e-4, help="peak AdamW learning rate")
     add("--weight-decay", type=nonnegative_float, default=0.01, help="AdamW decay")
     add("--warmup-steps", type=nonnegative_int, default=500, help="linear lr warm-up, then cosine")
     add("--grad-clip", type=positive_float, default=1.0, help="max gradient norm")
     add("--p-uncond", type=probability, default=0.1, help="label dropout to the null class")
-    add("--ema-decay", type=probability, default=0.9999, help="EMA decay of the sampling weights")
+    add("--ema-decay", type=probability, default=0.9995,
+        help="EMA of the sampling weights: a plain mean at first, then over the last 1/(1-d) steps")
     add("--log-every", type=positive_int, default=50, help="steps between logs and loss checks")
     add("--save-every", type=positive_int, default=1, help="epochs between checkpoints")
-    add("--sample-every", type=positive_int, default=5, help="epochs between preview grids")
+    add("--sample-every", type=nonnegative_int, default=5,
+        help="epochs between preview grids; 0: none")
     add("--resume", action="store_true", help="continue from --ckpt (default --out-dir/ckpt.pt)")
     add = p.add_argument_group("sampling").add_argument
     add("--guidance-scale", type=nonnegative_float, default=4.0,
@@ -927,28 +1120,39 @@ def get_args(argv=None):
         help="guide only while t is in [LO, HI] (t = 1 is noise), conditional elsewhere")
     add("--solver", choices=("euler", "heun"), default="euler", help="heun: 2nd order, 2x the cost")
     add("--digit", type=int, choices=range(NUM_CLASSES), default=7, metavar="0..9",
-        help="digit shown in the CFG-scale comparison")
-    add("--grid-rows", type=positive_int, default=8, help="samples per row of the grids")
+        help="digit shown in guidance_sweep.png")
+    add("--guidance-scales", type=float_list, default=(1, 2, 3, 4, 5, 7),
+        help="w of the rows of guidance_sweep.png")
+    add("--grid-per-class", type=positive_int, default=8,
+        help="samples per class in class_grid.png (and per row of guidance_sweep.png)")
     add("--sample-only", action="store_true", help="no training: the figures from --ckpt")
     add("--ckpt", default=None, help="checkpoint to read and write (default --out-dir/ckpt.pt)")
     add = p.add_argument_group("evaluation").add_argument
     add("--eval", action="store_true", help="no training: score --ckpt's samples with a classifier")
-    add("--eval-per-class", type=positive_int, default=100, help="samples per class and row (>= 2)")
+    add("--eval-per-class", type=positive_int, default=None,
+        help="samples per class and row of the --eval table (>= 2); default 100 on CUDA, else 30")
     add("--eval-scales", type=float_list, default=(0, 1, 2, 3, 4, 6), help="w scored by --eval")
     add("--eval-interval", type=interval_pair, default=(0.0, 0.7), metavar="LO,HI",
         help="guidance interval of the table's extra rows (one per w > 1)")
-    add("--classifier-epochs", type=positive_int, default=10, help="epochs of the eval classifier")
+    add("--eval-every", type=nonnegative_int, default=0,
+        help="steps between learning-curve checks (100 samples at --guidance-scale scored by the "
+             "eval classifier, quality_curve.png); 0: none")
+    add("--classifier-steps", type=positive_int, default=300,
+        help="training steps (batch 128) of the eval classifier")
     add = p.add_argument_group("system").add_argument
     add("--out-dir", default="out/flow_dit_mnist", help="checkpoint, figures and eval table")
     add("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"), help="cuda > mps > cpu")
     add("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-        help="autocast dtype; auto = bf16 on CUDA if supported, else fp32")
+        help="autocast precision; auto = bf16 on GPUs with native bf16 (compute capability 8.0+), "
+             "fp16 on older GPUs, fp32 on CPU and MPS")
     add("--compile", action="store_true", help="torch.compile the model and the sampling EMA")
     add("--seed", type=nonnegative_int, default=0, help="random seed")
     add("--bench", action="store_true", help="time fast vs plain training and sampling, then exit")
     add("--bench-steps", type=positive_int, default=20, help="timed training steps per variant")
     add("--bench-samples", type=positive_int, default=256, help="images per timed sampling run")
     # fmt: on
+    preset, _ = p.parse_known_args(argv)  # the preset's values become the defaults
+    p.set_defaults(**PRESETS.get(preset.preset, {}))
     args = p.parse_args(argv)
     p.set_defaults(**dict.fromkeys(vars(args)))  # parse again without defaults: what was given?
     args.given = tuple(k for k, v in vars(p.parse_args(argv)).items() if v is not None)
@@ -961,7 +1165,11 @@ def get_args(argv=None):
         p.error(f"--patch-size {args.patch_size} must divide the image size {IMAGE_SIZE}")
     if args.width % args.heads or args.width % 4:  # 4: the 2-D sin-cos position embedding
         p.error(f"--width {args.width} must be divisible by --heads {args.heads} and by 4")
-    if args.eval_per_class < 2:
+    if args.train_size % NUM_CLASSES:
+        p.error(
+            f"--train-size {args.train_size} must be divisible by {NUM_CLASSES} (a balanced set)"
+        )
+    if args.eval_per_class is not None and args.eval_per_class < 2:
         p.error("--eval-per-class must be at least 2 (diversity is a pairwise distance)")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda, but no CUDA device is visible (try --device cpu)")
@@ -987,13 +1195,18 @@ def fail(message, code=2):
 def precision(name, device):
     """(dtype, autocast context). bf16/fp16 autocast runs convs and matmuls in half precision,
     norms, softmax and the loss in fp32; with fp32 the context is a no-op, so one `with ctx:`
-    serves every precision. TF32 tensor cores only with mixed precision: fp32 stays true fp32."""
+    serves every precision."""
     if name == "auto":
-        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        # bf16 only where the GPU runs it natively (Ampere, compute capability 8.0+); older CUDA
+        # GPUs (T4, V100) emulate it slowly: fp16 with the loss scaler there
+        cuda = device.type == "cuda"
+        native_bf16 = cuda and torch.cuda.get_device_capability(device) >= (8, 0)
+        name = "bf16" if native_bf16 else "fp16" if cuda else "fp32"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-    mixed = dtype != torch.float32
-    torch.set_float32_matmul_precision("high" if mixed else "highest")
-    return dtype, torch.autocast(device.type, dtype=dtype) if mixed else contextlib.nullcontext()
+    fp32 = dtype == torch.float32
+    # fp32 is true fp32: no TF32 tensor cores in matmuls nor in cuDNN convolutions
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not fp32
+    return dtype, contextlib.nullcontext() if fp32 else torch.autocast(device.type, dtype=dtype)
 
 
 def setup_distributed(device_name):
@@ -1028,25 +1241,30 @@ def check_window(window, stop_requested, world_size):
 
 
 class StopSignal:
-    """Ctrl-C or SIGTERM sets `requested`: training saves and exits at its next check. A second
-    Ctrl-C aborts at once."""
+    """Inside `with StopSignal() as s:`, Ctrl-C or SIGTERM (schedulers, `kill`) sets s.requested,
+    so the loop saves and exits cleanly at its next check; a second Ctrl-C aborts at once."""
 
-    def __init__(self):
+    def __enter__(self):
         self.requested = False
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
 
     def handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
 
-    def restore(self):
+    def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
 
-def check_output_paths(out_dir, ckpt_path, writes_ckpt):
-    """Fail now, with one line, if the figures or the checkpoint could not be written later."""
+def check_output_paths(out_dir, ckpt_path, writes_ckpt, fresh=False):
+    """Fail now, with one line, if the figures or the checkpoint could not be written later, or
+    if a fresh run (no --resume) would overwrite another run's checkpoint."""
+    if fresh and os.path.exists(ckpt_path):
+        fail(f"{ckpt_path} already holds a run: continue it with --resume, or train a new one "
+             "with another --out-dir")  # fmt: skip
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         fail(f"--out-dir {out_dir} is a file, not a folder")
     try:
@@ -1168,13 +1386,20 @@ def benchmark(args, device):
 
 def timed(fn, device, repeat=1):
     """Seconds per call of fn, over `repeat` back-to-back calls, the device synchronised."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    sync()
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(repeat):
         fn()
-    sync()
+    synchronize(device)
     return (time.perf_counter() - t0) / repeat
+
+
+def synchronize(device):
+    """Wait for the device's queued kernels (CUDA and MPS run asynchronously; the CPU does not)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 if __name__ == "__main__":

@@ -5,11 +5,13 @@ flags, data is the scripts' built-in synthetic data (nothing is downloaded), and
 tests run the real command lines in subprocesses.
 """
 
+import contextlib
 import copy
 import csv
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,7 +44,7 @@ TINY = {
     "flow_dit_mnist_cfg": [
         "--dataset", "synthetic", "--synthetic-size", "48", "--width", "32", "--depth", "2",
         "--heads", "2", "--cond-dim", "64", "--batch-size", "8", "--sample-steps", "2",
-        "--device", "cpu", "--log-every", "2", "--grid-rows", "1",
+        "--device", "cpu", "--log-every", "2", "--grid-per-class", "1",
     ],
     "cross_attention_toy": [
         "--width", "16", "--ch-mult", "1,2", "--attn-res", "8", "--self-attn-res", "8",
@@ -486,14 +488,33 @@ def tiny_inputs(B=3, seed=0):
     return x, t, y
 
 
-@pytest.mark.parametrize("patch_size", [2, 4, 7])
-def test_flow_dit_output_shape_equals_input_shape(patch_size):
-    model = randomize(flow.DiT(patch_size=patch_size, **FLOW_TINY))
+@pytest.mark.parametrize("patch_size,conv_channels", [(2, 0), (4, 0), (7, 0), (4, 3)])
+def test_flow_dit_output_shape_equals_input_shape(patch_size, conv_channels):
+    model = randomize(flow.DiT(patch_size=patch_size, conv_channels=conv_channels, **FLOW_TINY))
     x, t, y = tiny_inputs()
     out = model(x, t, y)
     assert out.shape == x.shape
     assert torch.isfinite(out).all()
     assert model.pos_embed.shape == (1, (28 // patch_size) ** 2, FLOW_TINY["width"])
+    loud = flow.DiT(label_init_std=1.0, **FLOW_TINY).y_embedder.table.weight  # (11, cond_dim)
+    assert loud.shape == (11, 64) and 0.8 < loud.std() < 1.2  # --label-init-std
+
+
+def layer_norm_by_hand(x, eps=1e-6):
+    return (x - x.mean(-1, keepdim=True)) / (x.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
+
+
+def unpatchify_by_hand(tokens, p, C=1):
+    """(B, L, p*p*C) -> (B, C, H, W), one patch at a time: token l = row * G + col holds the
+    pixels (a, b, channel) of its p x p patch in that order."""
+    B, L, _ = tokens.shape
+    G = math.isqrt(L)
+    image = torch.zeros(B, C, G * p, G * p)
+    for row in range(G):
+        for col in range(G):
+            patch = tokens[:, row * G + col].reshape(B, p, p, C).permute(0, 3, 1, 2)
+            image[:, :, row * p : (row + 1) * p, col * p : (col + 1) * p] = patch
+    return image
 
 
 def test_flow_adaln_zero_blocks_start_as_identity():
@@ -504,20 +525,94 @@ def test_flow_adaln_zero_blocks_start_as_identity():
     for block in model.blocks:
         assert torch.equal(block(tokens, c), tokens)  # gates are exactly zero
     assert torch.equal(model(x, t, y), torch.zeros_like(x))  # zero final layer: v = 0
-    # With a non-zero final layer, the output is the final layer applied to the embedded patches:
-    # the blocks contribute nothing until training moves their gates away from zero.
+    conv = flow.DiT(conv_channels=4, **FLOW_TINY)  # the conv head's zero bias keeps v = 0
+    assert torch.equal(conv(x, t, y), torch.zeros_like(x))
+    # With a non-zero final layer, the output is that layer, computed here by hand (adaLN:
+    # shift and scale from SiLU(c), LayerNorm without affine, then x (1 + scale) + shift), on
+    # the embedded patches: the blocks add nothing until training opens their gates.
     randomize(model.final_layer)
-    expected = model.unpatchify(model.final_layer(tokens, c))
-    torch.testing.assert_close(model(x, t, y), expected, rtol=0, atol=0)
+    W, b = model.final_layer.adaLN_modulation[1].weight, model.final_layer.adaLN_modulation[1].bias
+    shift, scale = (F.silu(c) @ W.T + b).unsqueeze(1).chunk(2, dim=-1)  # 2 x (B, 1, D)
+    modulated = layer_norm_by_hand(tokens) * (1 + scale) + shift
+    linear = model.final_layer.linear
+    expected = unpatchify_by_hand(modulated @ linear.weight.T + linear.bias, p=4)
+    torch.testing.assert_close(model(x, t, y), expected, rtol=1e-5, atol=1e-5)
     assert expected.abs().mean() > 1e-3  # the comparison is not between two zero tensors
 
 
-def test_flow_timestep_embedding_uses_scaled_t():
-    """t in [0, 1] is multiplied by 1000 before the sinusoids, so nearby t are distinguishable."""
-    emb = flow.TimestepEmbedder.sinusoidal(torch.tensor([0.50, 0.51]) * 1000, 256)
-    raw = flow.TimestepEmbedder.sinusoidal(torch.tensor([0.50, 0.51]), 256)
-    assert (emb[0] - emb[1]).norm() > 1.0
-    assert (raw[0] - raw[1]).norm() < 0.1
+def test_flow_modulate_is_one_plus_scale():
+    """adaLN: x (1 + scale) + shift, so that scale = 0 (the zero init) leaves x as it is."""
+    x, shift, scale = torch.tensor([2.0, -1.0]), torch.tensor([0.5, 0.5]), torch.tensor([0.25, -1])
+    assert flow.modulate(x, shift, scale).tolist() == [3.0, 0.5]  # 2 * 1.25 + 0.5, -1 * 0 + 0.5
+
+
+def test_flow_dit_block_against_hand_computation():
+    """x + gate_a attn(adaLN(x)) + gate_m mlp(adaLN(...)), with the six modulations in the order
+    shift, scale, gate (attention), shift, scale, gate (MLP), all computed here by hand."""
+    block = randomize(flow.DiTBlock(width=8, heads=2, mlp_ratio=2, cond_dim=6), std=0.3)
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(2, 5, 8, generator=g), torch.randn(2, 6, generator=g)
+    lin = block.adaLN_modulation[1]
+    m = (F.silu(c) @ lin.weight.T + lin.bias).unsqueeze(1)  # (B, 1, 6D)
+    shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (
+        m[..., 8 * i : 8 * (i + 1)] for i in range(6)
+    )
+    h = x + gate_a * block.attn(layer_norm_by_hand(x) * (1 + scale_a) + shift_a)
+    expected = h + gate_m * block.mlp(layer_norm_by_hand(h) * (1 + scale_m) + shift_m)
+    torch.testing.assert_close(block(x, c), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_flow_attention_mixes_tokens_as_computed_by_hand():
+    """Multi-head self-attention over the L tokens (not over channels), from the layer's own
+    weights: per head softmax(q k^T / sqrt(d)) v, heads concatenated, then the output Linear."""
+    attn = randomize(flow.Attention(width=8, heads=2), std=0.5)
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))  # (B, L, D)
+    q, k, v = (x @ attn.qkv.weight.T + attn.qkv.bias).split(8, dim=-1)  # 3 x (B, L, D)
+    heads = []
+    for h in range(2):  # head h owns channels 4h .. 4h + 3 of q, k and v
+        qh, kh, vh = (z[..., 4 * h : 4 * (h + 1)] for z in (q, k, v))  # (B, L, 4)
+        weights = (qh @ kh.transpose(1, 2) / math.sqrt(4)).softmax(dim=-1)  # (B, L, L)
+        heads.append(weights @ vh)
+    expected = torch.cat(heads, dim=-1) @ attn.proj.weight.T + attn.proj.bias
+    torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_flow_patchify_layout_and_unpatchify_invert_each_other():
+    """A known image through the DiT with an identity patch embedding and identity output layer:
+    token row * 7 + col, channel a * 4 + b, holds pixel (4 row + a, 4 col + b), and the
+    network's output is the image again (tokens in row-major order, both ways)."""
+    model = flow.DiT(width=16, depth=1, heads=2, cond_dim=8, patch_size=4)
+    pick = torch.eye(16).view(16, 1, 4, 4)  # output channel a * 4 + b copies pixel (a, b)
+    with torch.no_grad():
+        model.x_embedder.weight.copy_(pick)
+        model.final_layer.linear.weight.copy_(torch.eye(16))
+    model.pos_embed.zero_()
+    model.final_layer.norm = torch.nn.Identity()  # zero adaLN: the final layer is now identity
+    x = torch.arange(784.0).view(1, 1, 28, 28)  # pixel (i, j) holds 28 i + j
+    tokens = model.x_embedder(x).flatten(2).transpose(1, 2)  # (1, 49, 16)
+    assert tokens[0, 1 * 7 + 2, 3 * 4 + 1].item() == 28 * (4 + 3) + (8 + 1)
+    torch.testing.assert_close(model(x, torch.rand(1), torch.zeros(1, dtype=torch.long)), x)
+    torch.testing.assert_close(unpatchify_by_hand(tokens, p=4), x)
+
+
+def test_flow_sincos_positions_against_values_by_hand():
+    """dim 8 on a 3 x 3 grid: frequencies 1 and 1/100; channels 0-3 encode the row
+    (sin, sin, cos, cos), channels 4-7 the column; token l = 3 row + col."""
+    pos = flow.sincos_pos_embed_2d(8, 3)
+    assert pos.shape == (9, 8)
+    row, col = 1, 2
+    by_hand = [math.sin(row), math.sin(row / 100), math.cos(row), math.cos(row / 100),
+               math.sin(col), math.sin(col / 100), math.cos(col), math.cos(col / 100)]  # fmt: skip
+    torch.testing.assert_close(pos[3 * row + col], torch.tensor(by_hand), rtol=0, atol=1e-6)
+
+
+def test_flow_timestep_embedding_against_values_by_hand():
+    """t = 0.002 is scaled to 2 (t_scale 1000, the integer-step range the sinusoids were made
+    for); with 4 frequencies dims, the frequencies are 1 and 1/100, cos first, then sin."""
+    embedder = flow.TimestepEmbedder(cond_dim=4, freq_dim=4)
+    embedder.mlp = torch.nn.Identity()  # the sinusoids alone
+    by_hand = [math.cos(2), math.cos(0.02), math.sin(2), math.sin(0.02)]
+    torch.testing.assert_close(embedder(torch.tensor([0.002]))[0], torch.tensor(by_hand))
 
 
 def test_flow_label_dropout_is_visible_in_the_loss():
@@ -570,8 +665,32 @@ def test_flow_ema_update_and_warmup():
     flow.update_ema(ema, model, 0.25)
     for p, e in zip(ema.parameters(), expected, strict=True):
         torch.testing.assert_close(p, e)
-    assert flow.ema_decay_at(0, 0.9999) == pytest.approx(0.1)
-    assert flow.ema_decay_at(10**7, 0.9999) == 0.9999
+    # the warm-up: the plain mean of all weights so far, until the cap 1 - 1/2000 at step 1999
+    assert [flow.ema_decay_at(s, 0.9995) for s in (0, 1, 3, 1998)] == [0, 1 / 2, 3 / 4, 1998 / 1999]
+    assert flow.ema_decay_at(1999, 0.9995) == flow.ema_decay_at(10**6, 0.9995) == 0.9995
+
+
+def test_flow_ema_is_the_running_mean_then_the_capped_average():
+    """A run of 8 updates with --ema-decay 0.75 (cap reached at step 3): the EMA is the mean of
+    the weights after steps 0..s while s <= 3 (the initial weights count for nothing), then
+    0.75 ema + 0.25 weights."""
+    weights = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))  # after each step
+    ema, model = torch.nn.Linear(3, 1, bias=False), torch.nn.Linear(3, 1, bias=False)
+    for s in range(8):
+        model.weight.data[0] = weights[s]
+        flow.update_ema(ema, model, flow.ema_decay_at(s, 0.75))
+        if s <= 3:
+            torch.testing.assert_close(ema.weight[0], weights[: s + 1].mean(0))
+    by_hand = weights[:4].mean(0)
+    for s in range(4, 8):
+        by_hand = 0.75 * by_hand + 0.25 * weights[s]
+    torch.testing.assert_close(ema.weight[0], by_hand)
+
+
+def test_flow_lr_warm_up_then_cosine_values():
+    values = [flow.warmup_cosine(s, 10, 110) for s in (0, 4, 9, 10, 60, 110, 200)]
+    assert values == pytest.approx([0.1, 0.5, 1.0, 1.0, 0.5, 0.0, 0.0])
+    assert flow.warmup_cosine(35, 10, 110) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
 
 
 def test_flow_cfg_algebra():
@@ -648,41 +767,58 @@ def test_flow_synthetic_digits_are_mnist_like_and_class_dependent():
     assert x.min() == -1 and x.max() <= 1
 
 
-def test_flow_end_to_end_then_eval(tmp_path, capsys):
+def test_flow_end_to_end_then_eval(tmp_path, capsys, monkeypatch):
+    """Training in two parts (--resume) with the learning curve on, every figure, then --eval
+    with the classifier the curve trained (cached). In-process: the command line itself runs in
+    the Ctrl-C and torchrun tests."""
     out = tmp_path / "out"
-    common = [*TINY["flow_dit_mnist_cfg"], "--out-dir", str(out)]
-    train = run_script("flow_dit_mnist_cfg", *common, "--synthetic-size", "96", "--batch-size",
-                       "32", "--max-steps", "6", "--sample-every", "1")  # fmt: skip
-    assert train.returncode == 0, train.stderr[-2000:]
-    for name in ["ckpt.pt", "samples_epoch001.png", "class_grid.png", "cfg_scales.png",
-                 "uncond_cond_cfg.png", "class_embeddings.png", "loss.png"]:  # fmt: skip
+    common = [*TINY["flow_dit_mnist_cfg"], "--out-dir", str(out), "--synthetic-size", "96",
+              "--classifier-steps", "2"]  # fmt: skip
+    train = common + ["--batch-size", "32", "--warmup-steps", "2", "--sample-every", "1",
+                      "--eval-every", "3"]  # fmt: skip
+    skip_experiments(flow, monkeypatch)  # the figures once, after the second part
+    code, first, err = run_main(flow, train + ["--max-steps", "3"], capsys)
+    assert code == 0, err
+    monkeypatch.undo()
+    code, second, err = run_main(flow, train + ["--max-steps", "6", "--resume"], capsys)
+    assert code == 0, err
+    for name in ["ckpt.pt", "samples_epoch001.png", "samples_epoch002.png", "class_grid.png",
+                 "guidance_sweep.png", "uncond_cond_cfg.png", "class_embeddings.png", "loss.png",
+                 "quality_curve.png"]:  # fmt: skip
         assert (out / name).stat().st_size > 0, name
     ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
     assert ckpt["script"] == "flow_dit_mnist_cfg" and ckpt["step"] == 6
     assert len(ckpt["losses"]) == 6
     assert {"model", "ema", "optimizer", "args", "model_args"} <= set(ckpt)
+    assert ckpt["scheduler"]["_last_lr"] == [0.0], "the cosine ends at --max-steps"
+    # the learning curve: a point every 3 steps, kept across --resume, seconds growing
+    assert [point[0] for point in ckpt["curve"]] == [3, 6] and all(
+        0 <= accuracy <= 1 for _, _, accuracy in ckpt["curve"]
+    )
+    assert ckpt["curve"][0][1] < ckpt["curve"][1][1] <= ckpt["seconds"]
+    assert "quality | step       3" in first and "quality | step       6" in second
+    assert "classifier: trained 2 steps" in first and "classifier" not in second
 
-    flags = common + ["--synthetic-size", "96", "--eval", "--eval-per-class", "3",
-                      "--eval-scales", "0,4", "--classifier-epochs", "1"]  # fmt: skip
-    code, stdout, err = run_main(flow, flags, capsys)
+    code, stdout, err = run_main(flow, common + ["--eval", "--eval-per-class", "3",
+                                                 "--eval-scales", "0,4"], capsys)  # fmt: skip
     assert code == 0, err
+    assert "classifier: trained" not in stdout, "the learning curve's classifier, cached"
     table = stdout.splitlines()
     header = next(i for i, line in enumerate(table) if line.split()[:2] == ["w", "accuracy"])
-    assert [line.split()[0] for line in table[header + 1 : header + 4]] == ["real", "0", "4"]
+    assert table[header].split()[2:6] == ["95%", "interval", "confidence", "diversity"]
+    assert [line.split()[0] for line in table[header + 1 : header + 5]] == ["real", "0", "4", "4"]
+    real = table[header + 1].split()  # real, accuracy, [lo, hi], ...
+    assert float(real[2].strip("[,")) <= float(real[1]) <= float(real[3].strip("]"))
     with open(out / "eval.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["w"] for r in rows] == ["real", "0", "4", "4 in [0, 0.7]"]
     for r in rows:
-        assert 0 <= float(r["accuracy"]) <= 1 and float(r["diversity"]) > 0
+        assert 0 <= float(r["accuracy_lo95"]) <= float(r["accuracy"]) <= float(r["accuracy_hi95"])
+        assert float(r["diversity"]) > 0 and float(r["FD"]) >= 0
         assert all(0 <= float(r[digit]) <= 1 for digit in "0123456789")
     for name in ["eval.png", "classifier.pt"]:
         assert (out / name).stat().st_size > 0, name
     assert os.path.getsize(out / "ckpt.pt") > 0
-
-
-def test_flow_epoch_batches_cover_every_index_once():
-    batches = flow.epoch_batches(50, 8, epoch=0, seed=3)
-    assert torch.cat(batches).sort().values.tolist() == list(range(50))
 
 
 def test_flow_loss_path_and_target():
@@ -712,13 +848,6 @@ def test_flow_training_times():
     )
     logit = torch.logit(flow.sample_t(50000, "cpu", "logit-normal"))
     assert abs(logit.mean()) < 0.02 and abs(logit.std() - 1) < 0.02
-
-
-def test_flow_timestep_embedder_scales_t_by_1000():
-    embedder = flow.TimestepEmbedder(64)
-    t = torch.tensor([0.0, 0.5, 0.51, 1.0])
-    expected = embedder.mlp(flow.TimestepEmbedder.sinusoidal(1000 * t, embedder.freq_dim))
-    torch.testing.assert_close(embedder(t), expected)
 
 
 def gaussian_velocity(mu, s):
@@ -774,7 +903,7 @@ def test_flow_fidelity_is_chance_for_shuffled_labels():
     """The --eval numbers must mean something: on real digits the classifier agrees with the
     labels, and with shuffled labels the same images score like chance."""
     images, labels = flow.make_synthetic(500, seed=0)
-    classifier = flow.train_classifier(images, labels, 4, seed=0, device="cpu", batch_size=32)
+    classifier = flow.train_classifier(images, labels, 64, 0, "cpu", batch_size=32, lr=4e-3)
     images, y = flow.make_synthetic(500, seed=1)  # held out
     x = flow.to_model_range(images)
     shuffled = y[torch.randperm(500, generator=torch.Generator().manual_seed(0))]
@@ -794,11 +923,246 @@ def test_flow_classifier_cache_is_keyed_on_everything_it_was_trained_from(tmp_pa
     monkeypatch.setattr(flow, "train_classifier", counting_train)
     path = tmp_path / "classifier.pt"
     key = {"dataset": "synthetic", "data_dir": "data", "synthetic_size": 50, "seed": 0,
-           "classifier_epochs": 1}  # fmt: skip
+           "classifier_steps": 1}  # fmt: skip
     for changed, expect in [({}, 1), ({}, 1), ({"seed": 1}, 2), ({"synthetic_size": 60}, 3),
-                            ({"data_dir": "other"}, 4), ({"classifier_epochs": 2}, 5)]:  # fmt: skip
+                            ({"data_dir": "other"}, 4), ({"classifier_steps": 2}, 5)]:  # fmt: skip
         flow.get_classifier(str(path), {**key, **changed}, images, labels, 1, 0, "cpu")
         assert len(trained) == expect, changed
+
+
+# --- flow_dit_mnist_cfg.py: hardware, precision, compile
+
+
+@pytest.mark.parametrize(
+    "capability,expected",
+    [((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)],
+)
+def test_flow_dtype_auto_needs_native_bf16(capability, expected, monkeypatch):
+    """auto: bf16 only from compute capability 8.0 (Ampere) on; a T4 (7.5) or V100 (7.0) gets
+    fp16 with the loss scaler. TF32 only with mixed precision: fp32 is true fp32."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    dtype, ctx = flow.precision("auto", torch.device("cuda"))
+    assert dtype == expected and isinstance(ctx, torch.autocast)
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    dtype, ctx = flow.precision("auto", torch.device("cpu"))
+    assert dtype == torch.float32 and isinstance(ctx, contextlib.nullcontext)
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+
+
+def test_flow_timed_synchronises_mps_and_cuda(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append("mps"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("cuda"))
+    for device in ("mps", "cuda", "cpu"):
+        flow.timed(lambda: None, torch.device(device))
+    assert calls == ["mps", "mps", "cuda", "cuda"]  # before and after the timed calls
+
+
+def test_flow_bf16_autocast_on_cpu_gives_a_loss_close_to_fp32():
+    model = randomize(flow.DiT(**FLOW_TINY), std=0.05)
+    x0, _, y = tiny_inputs(B=8)
+    losses = {}
+    for name in ("fp32", "bf16"):
+        dtype, ctx = flow.precision(name, torch.device("cpu"))
+        torch.manual_seed(0)  # the same t, noise and label dropout
+        with ctx:
+            losses[name] = flow.flow_loss(model, x0.clamp(-1, 1), y, 0.1)
+    assert losses["fp32"].dtype == losses["bf16"].dtype == torch.float32  # the loss in fp32
+    assert torch.isfinite(losses["bf16"]) and losses["bf16"] != losses["fp32"], "bf16 ran"
+    assert losses["bf16"].item() == pytest.approx(losses["fp32"].item(), rel=0.02)
+
+
+class FakeDDP(torch.nn.Module):
+    """Stands for DistributedDataParallel (which needs a process group): passes calls through."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args):
+        return self.module(*args)
+
+
+def test_flow_compile_wraps_ddp_and_compiles_once(tmp_path, monkeypatch, capsys):
+    """--compile, counted on the CPU with dynamo's tracing and the eager backend: training
+    compiles the DDP-wrapped model, once (52 images give 6 full batches of 8, the last 4 are
+    left out); sampling compiles once for all the batch sizes of the figures (dynamic)."""
+    graphs, compiled, real_compile = [], [], torch.compile
+
+    def counting_compile(model, **kwargs):
+        compiled.append(model)
+        return real_compile(model, backend=lambda gm, inputs: graphs.append(gm) or gm.forward,
+                            **kwargs)  # fmt: skip
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    skip_experiments(flow, monkeypatch)
+    torch._dynamo.reset()
+    flags = TINY["flow_dit_mnist_cfg"] + ["--depth", "1", "--synthetic-size", "52", "--epochs", "1",
+             "--compile", "--out-dir", str(tmp_path)]  # fmt: skip
+    code, out, err = run_main(flow, flags, capsys)
+    assert code == 0 and "done: 6 steps" in out, err
+    assert len(graphs) == 1, "the training graph, compiled once"
+    torch._dynamo.reset()  # as in --sample-only: the sampler compiles first
+    run = flow.setup(flow.get_args(flags), torch.device("cpu"), total_steps=1)
+    for B, w in [(20, 4.0), (2, 4.0), (10, 1.0), (7, 0.0)]:  # 40, 4, 10, 7 images per pass
+        y = torch.arange(B) % 10
+        run.sample(run.sampler, y, w, torch.randn(B, 1, 28, 28))
+    assert len(graphs) == 2, "and one sampling graph for every batch size"
+    monkeypatch.setattr(flow.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(flow, "DistributedDataParallel", FakeDDP)
+    compiled.clear()
+    flow.setup(flow.get_args(flags), torch.device("cpu"), total_steps=1)
+    assert isinstance(compiled[0], FakeDDP), "torch.compile(DDP(model)), not DDP(compiled)"
+    torch._dynamo.reset()
+
+
+@pytest.mark.skipif(
+    not any(shutil.which(cc) for cc in ("cc", "gcc", "g++", "clang")),
+    reason="torch.compile (inductor) on the CPU needs a C++ compiler; none was found",
+)
+def test_flow_real_compile_on_cpu_matches_eager(monkeypatch):
+    """The one real torch.compile of the suite (inductor, a depth-1 DiT, the sampling forward):
+    one graph with no breaks, and the eager velocities."""
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)  # no worker pool to start
+    model = randomize(flow.DiT(width=16, depth=1, heads=2, cond_dim=16), std=0.05).eval()
+    x, t, y = tiny_inputs(B=4)
+    with torch.no_grad():
+        compiled = torch.compile(model, fullgraph=True)(x, t, y)
+        torch.testing.assert_close(compiled, model(x, t, y), rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_flow_resume_fp16_from_a_bf16_checkpoint(tmp_path, monkeypatch):
+    """A bf16 checkpoint holds an empty loss-scaler state; --resume --dtype fp16 starts a fresh
+    scaler instead of failing on it (and fp16 autocast runs on the CPU too)."""
+    skip_experiments(flow, monkeypatch)
+    flags = TINY["flow_dit_mnist_cfg"] + ["--max-steps", "4", "--out-dir", str(tmp_path)]
+    flow.main(flags + ["--max-steps", "2", "--dtype", "bf16"])
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["scaler"] == {}
+    flow.main(flags + ["--resume", "--dtype", "fp16"])
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["scaler"]["scale"] > 0
+
+
+def test_flow_sample_only_and_eval_run_on_rank_0_alone(tmp_path, monkeypatch, capsys):
+    """Under torchrun, --sample-only and --eval leave the process group at once; rank 0 makes the
+    figures or the table alone, the other ranks return before touching the checkpoint."""
+    skip_experiments(flow, monkeypatch)
+    flow.main(TINY["flow_dit_mnist_cfg"] + ["--max-steps", "1", "--out-dir", str(tmp_path)])
+    left = []
+    monkeypatch.setattr(flow.dist, "destroy_process_group", lambda: left.append(1))
+    monkeypatch.setattr(flow, "setup_distributed", lambda name: (1, 2, torch.device("cpu")))
+    monkeypatch.setattr(flow, "load_checkpoint", lambda *a: pytest.fail("rank 1 read the ckpt"))
+    for mode in ("--sample-only", "--eval"):
+        assert flow.main(["--device", "cpu", "--out-dir", str(tmp_path), mode]) is None
+    assert left == [1, 1]
+
+
+# --- flow_dit_mnist_cfg.py: presets, data size, output folders, progress
+
+
+def test_flow_preset_values_are_defaults_that_flags_override(capsys):
+    args = flow.get_args(["--preset", "laptop", "--width", "64"])
+    laptop = flow.PRESETS["laptop"]
+    assert args.width == 64 and args.depth == laptop["depth"] == 4 and args.max_steps == 1800
+    assert args.out_dir == "out/flow_dit_mnist_laptop" and args.eval_every > 0
+    assert "width" in args.given and "depth" not in args.given  # checkpoints still win
+    assert flow.get_args([]).width == 256 and flow.get_args([]).out_dir == "out/flow_dit_mnist"
+    with pytest.raises(SystemExit):
+        flow.get_args(["--help"])
+    assert "laptop = --width 128 --depth 4" in " ".join(capsys.readouterr().out.split())
+
+
+def test_flow_train_size_is_balanced_and_seeded(capsys):
+    labels = torch.arange(300) % 10
+    subset = flow.balanced_subset(labels, 40, seed=0)
+    assert torch.bincount(labels[subset]).tolist() == [4] * 10 and len(set(subset.tolist())) == 40
+    assert torch.equal(subset, flow.balanced_subset(labels, 40, seed=0))
+    assert not torch.equal(subset, flow.balanced_subset(labels, 40, seed=1))
+    with pytest.raises(SystemExit) as exit_info:
+        flow.balanced_subset(labels, 400, seed=0)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "--train-size 400 needs 40 digits of each class, but the data holds only 30" in err
+
+
+def test_flow_fresh_run_refuses_an_occupied_out_dir(tmp_path, monkeypatch, capsys):
+    skip_experiments(flow, monkeypatch)
+    flags = TINY["flow_dit_mnist_cfg"] + ["--max-steps", "1", "--out-dir", str(tmp_path)]
+    flow.main(flags + ["--train-size", "20"])  # 2 digits per class: 20 images, 2 full batches
+    assert "20 training images" in capsys.readouterr().out
+    for name in ("build_model", "load_dataset"):
+        monkeypatch.setattr(flow, name, lambda *a, **k: pytest.fail("data or model touched"))
+    code, out, err = run_main(flow, flags, capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert (f"{tmp_path / 'ckpt.pt'} already holds a run: continue it with --resume, or train a "
+            "new one with another --out-dir") in err  # fmt: skip
+
+
+def test_flow_slow_hardware_note_with_mocked_timing(tmp_path, monkeypatch, capsys):
+    """After the first log window, a run without a preset passes its measured speed to the note
+    (the clock mocked: 1 s per reading, 2 steps per window); the note names the whole run's time
+    and the laptop preset on a CPU or MPS device when that is over 10 minutes, else nothing."""
+    skip_experiments(flow, monkeypatch)
+    clock, calls = iter(range(10**6)), []
+    monkeypatch.setattr(flow.time, "perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr(flow, "slow_hardware_hint", lambda *a: calls.append(a))
+    flags = TINY["flow_dit_mnist_cfg"] + ["--max-steps", "4", "--eval-every", "0"]
+    flow.main(flags + ["--out-dir", str(tmp_path / "a")])
+    assert calls == [(0.5, 4, torch.device("cpu"))], "once, with 1 s / 2 steps"
+    flow.main(flags + ["--preset", "laptop", "--out-dir", str(tmp_path / "b")])
+    assert len(calls) == 1, "a preset fits its hardware already"
+    monkeypatch.undo()
+    capsys.readouterr()
+    for seconds_per_step, device in [(2.0, "cpu"), (2.0, "mps"), (2.0, "cuda"), (0.04, "cpu")]:
+        assert flow.slow_hardware_hint(seconds_per_step, 14040, torch.device(device)) is False
+    notes = capsys.readouterr().out.splitlines()
+    assert len(notes) == 2 and notes[0] == (
+        "note: 14040 steps at 2000 ms/step take about 7.8 h on this cpu; `--preset laptop` trains "
+        "real digits in minutes on a laptop CPU"
+    )
+
+
+def test_flow_wilson_interval_diversity_and_frechet_distance_by_hand():
+    points = torch.tensor([0.0, 3.0, 4.0]).view(3, 1, 1, 1)  # pairs 3, 4 and 1 apart
+    assert flow.mean_pairwise_distance(points) == pytest.approx(8 / 3)
+    z2 = 1.96**2
+    assert flow.wilson_interval(1.0, 300) == pytest.approx((300 / (300 + z2), 1.0))
+    lo, hi = flow.wilson_interval(0.5, 100)
+    assert (lo, hi) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 6, generator=g)
+    assert abs(flow.frechet_distance(a, a)) < 1e-8
+    shift = torch.tensor([1.0, -2.0, 0, 0, 0, 0.5])
+    assert flow.frechet_distance(a, a + shift) == pytest.approx(5.25)  # |shift|^2, same cov
+    # independent coordinates: FD = sum over them of (mu_a - mu_b)^2 + (s_a - s_b)^2
+    b = a * torch.tensor([2.0, 1, 1, 1, 1, 3])
+    va, vb = a.double().var(0), b.double().var(0)
+    by_hand = (va + vb - 2 * (va * vb).sqrt()).sum() + (a.mean(0) - b.mean(0)).square().sum()
+    assert flow.frechet_distance(a, b) == pytest.approx(by_hand.item(), rel=0.02)
+    assert flow.frechet_distance(a, a + 0.5 * shift) < flow.frechet_distance(a, a + shift)
+
+
+def test_flow_eval_real_row_has_every_class_in_interleaved_test_sets():
+    """Test digits stored as 0, 1, ..., 9, 0, 1, ... (as in some subsets): the real row still
+    holds per_class digits of every class, and its FD is against the other digits of each class."""
+    images = torch.randint(0, 256, (60, 1, 28, 28), dtype=torch.uint8)
+    labels, classifier = torch.arange(60) % 10, flow.build_classifier(1).eval()
+    model = torch.nn.Linear(1, 1)  # only its device is used for the real row
+    real = next(flow.evaluate(model, None, classifier, (images, labels), (), (0, 0.7), 3, 0))
+    assert real["w"] == "real" and not any(math.isnan(a) for a in real["per_class"])
+    assert real["fd"] > 0
+
+
+def test_flow_guidance_interval_direction():
+    """[0, 0.5] is the data half of the path (t = 0 is data): Euler at t = 1, 0.75, 0.5, 0.25
+    guides only the last two steps; a reversed t (1 - t) would guide the first two."""
+    model, B = CountingModel(), 2
+    flow.generate(model, torch.zeros(B, dtype=torch.long), 3.0, torch.randn(B, 1, 28, 28), 4,
+                  interval=(0.0, 0.5))  # fmt: skip
+    assert model.batch_sizes == [B, B, 2 * B, 2 * B]
 
 
 # -----------------------------------------------------------------------------
@@ -1759,6 +2123,10 @@ BAD_FLAGS = {
         (["--eval-per-class", "1"], "--eval-per-class must be at least 2"),
         (["--resume", "--eval"], "choose one of --resume, --bench and --sample-only/--eval"),
         (["--guidance-interval", "0,1.5"], "argument --guidance-interval: expected two numbers"),
+        (["--train-size", "45"], "--train-size 45 must be divisible by 10 (a balanced set)"),
+        (["--preset", "gpu"], "argument --preset: invalid choice: 'gpu' (choose from 'laptop')"),
+        (["--guidance-scales", "1,x"], "argument --guidance-scales: expected numbers >= 0"),
+        (["--grid-per-class", "0"], "argument --grid-per-class: expected a positive integer"),
     ],
     "cross_attention_toy": [
         (["--p-uncond", "1.5"], "argument --p-uncond: expected a probability in [0, 1], got '1.5'"),
@@ -1844,6 +2212,9 @@ def test_training_loop_uses_the_ema_warm_up(name, tmp_path, monkeypatch):
     monkeypatch.setattr(module, "update_ema", spy)
     args = module.get_args(TINY[name] + ["--max-steps", "3", "--out-dir", str(tmp_path)])
     module.main(TINY[name] + epochs(name, 1) + ["--max-steps", "3", "--out-dir", str(tmp_path)])
+    if name == "flow_dit_mnist_cfg":  # the running mean: 0, 1/2, 2/3, up to --ema-decay
+        assert decays == [min(args.ema_decay, s / (s + 1)) for s in range(3)]
+        return
     assert decays == [min(args.ema_decay, (1 + s) / (10 + s)) for s in range(3)]
 
 
