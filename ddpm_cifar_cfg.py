@@ -16,30 +16,36 @@ Papers:
   CFG interval   Kynkaanniemi et al. 2024         https://arxiv.org/abs/2404.07724
 
 Commands:
-  python ddpm_cifar_cfg.py --epochs 50                        # train on one GPU, then experiments
+  python ddpm_cifar_cfg.py --preset laptop          # real digits on a laptop CPU in minutes (MNIST)
+  python ddpm_cifar_cfg.py --preset laptop --eval   # its class-fidelity table
+  python ddpm_cifar_cfg.py                          # CIFAR-10 on one GPU, then the experiments
   torchrun --standalone --nproc_per_node=4 ddpm_cifar_cfg.py  # the same on 4 GPUs
-  python ddpm_cifar_cfg.py --resume                           # continue from out/ddpm_cifar/ckpt.pt
-  python ddpm_cifar_cfg.py --sample-only                      # experiments from that checkpoint
-  python ddpm_cifar_cfg.py --eval                             # class-fidelity table from it
-  python ddpm_cifar_cfg.py --bench --compile                  # speed table: fast vs plain path
+  python ddpm_cifar_cfg.py --resume                 # continue from out/ddpm_cifar/ckpt.pt
+  python ddpm_cifar_cfg.py --sample-only            # experiments from that checkpoint
+  python ddpm_cifar_cfg.py --eval                   # class-fidelity table from it
+  python ddpm_cifar_cfg.py --bench --compile        # speed table: fast vs plain path
   python ddpm_cifar_cfg.py --dataset synthetic --base-ch 32 --batch-size 32 --max-steps 100 \\
-      --sample-steps 20 --device cpu                         # offline CPU smoke run
-  python ddpm_cifar_cfg.py --dataset mnist --base-ch 16 --ch-mult 1,2,2 --num-res-blocks 1 \\
-      --cond-dim 128 --batch-size 64 --lr 5e-3 --warmup-steps 100 --epochs 40 --dropout 0 \\
-      --p-uncond 0.1 --ema-decay 0.999 --schedule linear --sample-every 1000 --sample-steps 25 \\
-      --data-dir ../shared/mnist5k --device cpu                # laptop CPU: real digits, minutes
+      --sample-steps 20 --device cpu --out-dir out/smoke   # offline CPU smoke run
+--preset laptop trains in steps (--max-steps), so it costs the same on any size of MNIST folder;
+with full MNIST, --train-size 4000 trains on 400 digits of each class, as measured below.
 
 Outputs (in --out-dir): ckpt.pt, loss.png, samples_epochNNN.png, the experiments class_grid.png,
-guidance_sweep.png, interpolation.png, ema_vs_raw.png; --eval: classifier.pt, eval.csv, eval.png.
+guidance_sweep.png, interpolation.png, ema_vs_raw.png; --eval-every: quality_curve.png and the
+eval classifier classifier.pt; --eval: eval.csv, eval.png.
 
-Measured (README.md has the tables): the laptop command, on the 5k-digit MNIST subset and a 2-core
-AMD EPYC CPU with torch 2.14.1, trains 2,520 steps in 517 s with the figures; `--eval` then reads
-99.4% class accuracy at w = 4 with 0.87 of the real digits' diversity (real test digits: 98.6%).
-GPU and CIFAR-10: not measured yet. In 2,500 steps the small, fast-learning laptop recipe gets
-further than the slow, smooth 25.6M-parameter GPU defaults (meant for CIFAR-10, ~20,000 steps).
+EMA: --ema-decay d averages the weights of the last 1 / (1 - d) steps (before that, all steps so
+far). The GPU default 0.9995 averages the last 2,000 of the 19,500 steps of 50 CIFAR-10 epochs;
+the laptop preset's 0.996 the last 250 of its 1,500 steps.
 
-Left out on purpose: FID, learned variances, v-prediction, EDM preconditioning, latent diffusion:
-each would hide the lesson under machinery.
+Measured: `python ddpm_cifar_cfg.py --preset laptop` on the 5k-digit MNIST subset (4,000 training
+digits), a 2-core AMD EPYC CPU, torch 2.14.1: 330-480 ms per step (the eval classifier first,
+400 steps); its learning curve (100 EMA samples at w = 3) reads 11%, 12%, 23%, 47% and 74% of
+the digits as requested after 300, 600, 900, 1,200 and 1,500 steps: the digits are well formed
+early, *which* digit follows late. GPU and CIFAR-10: not measured yet.
+
+Left out on purpose: FID with an Inception network (--eval measures a Frechet distance in its
+own classifier's features instead), learned variances, v-prediction, EDM preconditioning, latent
+diffusion: each would hide the lesson under machinery.
 """
 
 import argparse
@@ -51,6 +57,7 @@ import os
 import signal
 import sys
 import tempfile
+import textwrap
 import time
 from functools import partial
 
@@ -78,6 +85,7 @@ MODEL_ARGS = (
     "dataset base_ch ch_mult num_res_blocks attn_res attn_heads cond_dim dropout schedule timesteps"
 ).split()
 CHECKPOINT_PARTS = ("model", "ema", "optimizer", "scheduler", "scaler")  # with state_dict()s
+EVAL_BATCH = 100  # images per sampling call in --eval
 
 # -----------------------------------------------------------------------------
 # Diffusion: noise schedule, forward process and the loss with label dropout
@@ -162,7 +170,10 @@ def ddim_sample(model, class_emb, noise, w, alphas_cumprod, steps, eta=0, interv
         # x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z
         sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
         z = torch.randn(x.shape, device=x.device, generator=generator)
-        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps + sigma * z
+        # clamped: with eta = 1 and a_prev near 1 it is ~0, and float32 rounding can make it
+        # -6e-8, whose square root (NaN) would wipe out every image
+        noise_share = (1 - a_prev - sigma**2).clamp(min=0).sqrt()
+        x = a_prev.sqrt() * x0 + noise_share * eps + sigma * z
     return x
 
 
@@ -263,7 +274,8 @@ class UNet(nn.Module):
     connections, conditioned on one vector cond = time embedding + class embedding."""
 
     def __init__(self, in_ch=3, base_ch=128, ch_mult=(1, 2, 2), num_res_blocks=2, attn_res=(8,),
-                 attn_heads=4, cond_dim=256, dropout=0.1, image_size=IMAGE_SIZE):  # fmt: skip
+                 attn_heads=4, cond_dim=256, dropout=0.1, class_init_std=0.02,
+                 image_size=IMAGE_SIZE):  # fmt: skip
         super().__init__()
         self.base_ch = base_ch
         self.time_mlp = nn.Sequential(
@@ -298,10 +310,12 @@ class UNet(nn.Module):
                 res *= 2
         self.out_norm = nn.GroupNorm(norm_groups(ch), ch)
         self.out_conv = nn.Conv2d(ch, in_ch, 3, padding=1)
-        self.initialize_weights()
+        self.initialize_weights(class_init_std)
 
-    def initialize_weights(self):
-        nn.init.normal_(self.class_emb.weight, std=0.02)
+    def initialize_weights(self, class_init_std):
+        # std 0.02 as in ADM; std 1 makes the label as loud as the time embedding from the first
+        # step, so that a short run learns *which* class early
+        nn.init.normal_(self.class_emb.weight, std=class_init_std)
         for m in self.modules():
             if isinstance(m, ResBlock):
                 nn.init.zeros_(m.conv2.weight)  # each residual branch starts as zero: identity
@@ -337,7 +351,7 @@ class UNet(nn.Module):
 def build_model(args):
     return UNet(1 if args.dataset == "mnist" else 3, args.base_ch, tuple(args.ch_mult),
                 args.num_res_blocks, tuple(args.attn_res), args.attn_heads, args.cond_dim,
-                args.dropout)  # fmt: skip
+                args.dropout, args.class_init_std)  # fmt: skip
 
 
 # -----------------------------------------------------------------------------
@@ -393,13 +407,38 @@ def load_dataset(name, data_dir, synthetic_size, seed, train=True):
     return images.contiguous(), torch.as_tensor(ds.targets)
 
 
+def load_training_set(args):
+    """The training set of --dataset, or with --train-size N a balanced subset of it: N / 10
+    images of each class, chosen by --seed (4,000 of full MNIST reproduce a 4,000-digit folder's
+    runs in size and balance)."""
+    images, labels = load_dataset(args.dataset, args.data_dir, args.synthetic_size, args.seed)
+    if args.train_size:
+        keep = balanced_subset(labels, args.train_size // NUM_CLASSES, args.seed)
+        images, labels = images[keep], labels[keep]
+    return images, labels
+
+
+def balanced_subset(labels, per_class, seed):
+    """Sorted indices of per_class randomly chosen items of each class, the same for one seed."""
+    g, keep = torch.Generator().manual_seed(seed), []
+    for c in range(NUM_CLASSES):
+        idx = (labels == c).nonzero()[:, 0]
+        if len(idx) < per_class:
+            fail(f"--train-size {per_class * NUM_CLASSES} needs {per_class} images of each class, "
+                 f"but class {c} has {len(idx)}")  # fmt: skip
+        keep.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
+    return torch.cat(keep).sort().values
+
+
 def epoch_batches(num_items, batch_size, epoch, seed, rank=0, world_size=1, device="cpu"):
     """Index batches of one epoch: a permutation made from seed and epoch only (the same on every
-    rank), one equal shard of it per rank (N % world_size left out). The last may be smaller."""
+    rank), one equal shard of it per rank. Whole batches only: the items left over (fewer than
+    world_size * batch_size, different ones each epoch) wait for the next epoch, so that every
+    step has one shape (torch.compile then never recompiles)."""
     g = torch.Generator().manual_seed(1_000_000 * seed + epoch)
-    perm = torch.randperm(num_items, generator=g)
-    perm = perm[: num_items - num_items % world_size][rank::world_size]
-    return perm.to(device).split(batch_size)
+    steps = num_items // world_size // batch_size
+    perm = torch.randperm(num_items, generator=g)[: steps * batch_size * world_size]
+    return perm[rank::world_size].to(device).split(batch_size)
 
 
 def get_batch(images, labels, idx, hflip, memory_format):
@@ -443,7 +482,7 @@ def run_experiments(raw, ema, sample, args):
     """The lesson's four figures, from the raw and EMA weights (after training or --sample-only)."""
     names, out, w, seed = CLASS_NAMES[args.dataset], args.out_dir, args.guidance_scale, args.seed
     raw.eval()  # dropout off
-    x = class_rows(ema, sample, w, seed, args.grid_rows)
+    x = class_rows(ema, sample, w, seed, args.grid_per_class)
     title = f"EMA samples, one column per class (w={w:g})"
     save_image_grid(x, f"{out}/class_grid.png", title, names)
     # one row per guidance scale, the same noise in every row
@@ -463,12 +502,23 @@ def run_experiments(raw, ema, sample, args):
     print(f"wrote class_grid.png, guidance_sweep.png, interpolation.png, ema_vs_raw.png to {out}")
 
 
+def curve_accuracy(classifier, model, sample, w, seed, device, per_class=10):
+    """A point of the learning curve (--eval-every): the share of per_class samples of each
+    class at scale w, always from the same noise, that the eval classifier reads as requested."""
+    x = class_rows(model, sample, w, seed, rows=per_class).float().cpu()  # (10 * per_class, ...)
+    labels = torch.arange(NUM_CLASSES).repeat(per_class)  # the order of class_rows
+    return fidelity(classifier, x, labels, device)["accuracy"]
+
+
 # -----------------------------------------------------------------------------
 # Evaluation: measured class fidelity
 # A small CNN trained on the real training set judges which class every sample shows. Accuracy
 # and confidence measure "did we get a cat"; the mean pairwise distance between the samples of one
-# class measures how varied the cats are. The `real` row scores the held-out test images: a judge
-# that cannot recognise them could not grade generated ones.
+# class measures how varied the cats are; the Frechet distance (FD) between the classifier's
+# features of the samples and of real test images measures both at once, as FID does in the
+# features of an Inception network. The `real` row scores one half of the test images against the
+# other: a judge that cannot recognise them could not grade generated ones, and its FD is the
+# floor that a perfect generator would reach with as many samples.
 
 
 class Residual(nn.Sequential):
@@ -477,7 +527,8 @@ class Residual(nn.Sequential):
 
 
 def build_classifier(in_channels):
-    """A small ResNet-style CNN (0.2M parameters): conv-BN-ReLU stages with residual blocks."""
+    """A small ResNet-style CNN (0.2M parameters): conv-BN-ReLU stages with residual blocks. The
+    last two layers are the head; everything before it gives the 128 features FD is measured in."""
 
     def conv_bn(cin, cout):
         return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
@@ -486,17 +537,18 @@ def build_classifier(in_channels):
     return nn.Sequential(
         conv_bn(in_channels, 32), Residual(*conv_bn(32, 32)), nn.MaxPool2d(2),  # (B, 32, H/2, W/2)
         conv_bn(32, 64), Residual(*conv_bn(64, 64)), nn.MaxPool2d(2),  # (B, 64, H/4, W/4)
-        conv_bn(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # (B, 128)
+        conv_bn(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # (B, 128) features
         nn.Dropout(0.2), nn.Linear(128, NUM_CLASSES),  # (B, 10) logits
     )  # fmt: skip
 
 
 def get_classifier(args, images, labels, device):
     """The judge, cached in --out-dir/classifier.pt if it was trained from exactly these flags,
-    else trained on uint8 images (N, C, H, W) and cached: AdamW with a one-cycle lr schedule; as
-    augmentation every image moves by up to 2 pixels (and is flipped half the time on CIFAR-10)."""
-    path, epochs, seed = f"{args.out_dir}/classifier.pt", args.classifier_epochs, args.seed
-    keys = "dataset data_dir synthetic_size seed classifier_epochs".split()
+    else trained for --classifier-steps on uint8 images (N, C, H, W) and cached: AdamW with a
+    one-cycle lr schedule; as augmentation every image moves by up to 2 pixels (and is flipped
+    half the time on CIFAR-10). Counted in steps, it costs the same on any size of data."""
+    path, steps, seed = f"{args.out_dir}/classifier.pt", args.classifier_steps, args.seed
+    keys = "dataset data_dir synthetic_size train_size seed classifier_steps".split()
     trained_from = {k: getattr(args, k) for k in keys}  # the cache is valid for these only
     torch.manual_seed(seed)  # the initial weights and dropout masks
     classifier = build_classifier(images.shape[1]).to(device)
@@ -510,40 +562,76 @@ def get_classifier(args, images, labels, device):
     t0, g, H, W = time.time(), torch.Generator().manual_seed(seed), *images.shape[-2:]
     batch_size, lr = 128, 2e-3
     optimizer = torch.optim.AdamW(classifier.parameters(), lr, weight_decay=1e-4)
-    total = epochs * math.ceil(len(images) / batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=total)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(images), generator=g).split(batch_size):
-            padded = F.pad(images[idx].float() / 127.5 - 1, (2, 2, 2, 2), value=-1.0)
-            dy, dx = torch.randint(0, 5, (2, len(idx)), generator=g).tolist()
-            x = torch.stack([p[:, i : i + H, j : j + W] for p, i, j in zip(padded, dy, dx)])
-            if args.dataset == "cifar10":  # horizontal flips
-                x = torch.where(torch.rand(len(x), 1, 1, 1, generator=g) < 0.5, x.flip(3), x)
-            loss = F.cross_entropy(classifier(x.to(device)), labels[idx].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps)
+    per_epoch = math.ceil(len(images) / batch_size)
+    for step in tqdm(range(steps), desc="classifier", leave=False, dynamic_ncols=True):
+        if step % per_epoch == 0:  # a fresh order every pass over the data
+            batches = torch.randperm(len(images), generator=g).split(batch_size)
+        idx = batches[step % per_epoch]
+        padded = F.pad(images[idx].float() / 127.5 - 1, (2, 2, 2, 2), value=-1.0)
+        dy, dx = torch.randint(0, 5, (2, len(idx)), generator=g).tolist()
+        x = torch.stack([p[:, i : i + H, j : j + W] for p, i, j in zip(padded, dy, dx)])
+        if args.dataset == "cifar10":  # horizontal flips
+            x = torch.where(torch.rand(len(x), 1, 1, 1, generator=g) < 0.5, x.flip(3), x)
+        loss = F.cross_entropy(classifier(x.to(device)), labels[idx].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
     save_checkpoint({"trained_from": trained_from, "model": classifier.state_dict()}, path)
-    print(f"classifier: trained {epochs} epochs in {time.time() - t0:.0f} s, saved to {path}")
+    print(f"classifier: trained {steps} steps in {time.time() - t0:.0f} s, saved to {path}")
     return classifier.eval()
 
 
 @torch.no_grad()
-def fidelity(classifier, images, labels, device):
-    """accuracy: fraction classified as the requested class; confidence: mean probability of the
-    requested class; diversity: mean L2 distance between two distinct images of one class (pixels
-    in [-1, 1]), averaged over classes; per_class: the accuracy of each class. images (N, C, H, W)
-    in [-1, 1], on the CPU."""
-    logits = torch.cat([classifier(x.to(device)).float().cpu() for x in images.split(500)])
+def classify(classifier, images, device):
+    """(features (N, 128), logits (N, 10)) of images (N, C, H, W) in [-1, 1], 500 at a time."""
+    body, head = classifier[:-2], classifier[-2:]  # features | dropout (off in eval) + linear
+    features, logits = [], []
+    for x in images.split(500):
+        f = body(x.to(device))
+        features.append(f.float().cpu())
+        logits.append(head(f).float().cpu())
+    return torch.cat(features), torch.cat(logits)
+
+
+def frechet_distance(a, b):
+    """Frechet distance between Gaussians fitted to two feature sets (N, D) and (M, D), as FID
+    computes it (Heusel et al. 2017): |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2).
+    0 for two sets with the same mean and covariance; a mean shift by c adds |c|^2."""
+    (mu_a, s_a), (mu_b, s_b) = [(f.double().mean(0), torch.cov(f.double().T)) for f in (a, b)]
+    values, vectors = torch.linalg.eigh(s_a)
+    root_a = vectors @ values.clamp(min=0).sqrt().diag() @ vectors.T  # S_a^1/2
+    cross = torch.linalg.eigvalsh(root_a @ s_b @ root_a).clamp(min=0).sqrt().sum()
+    return ((mu_a - mu_b).square().sum() + s_a.trace() + s_b.trace() - 2 * cross).item()
+
+
+def wilson_interval(hits, n, z=1.96):
+    """95% Wilson score interval of a proportion hits / n: unlike p +- 1.96 sqrt(p (1 - p) / n)
+    it stays inside [0, 1] and does not shrink to a point at 0 or 1."""
+    p, z2 = hits / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return centre - half, centre + half
+
+
+def fidelity(classifier, images, labels, device, reference=None):
+    """accuracy: fraction classified as the requested class, with its 95% (Wilson) interval ci;
+    confidence: mean probability of the requested class; diversity: mean L2 distance between two
+    distinct images of one class (pixels in [-1, 1]), averaged over classes; fd: Frechet distance
+    of the images' classifier features to `reference` features (if given); per_class: the accuracy
+    of each class. images (N, C, H, W) in [-1, 1], on the CPU."""
+    features, logits = classify(classifier, images, device)
     probs = logits.softmax(-1)  # (N, 10)
     hit = (probs.argmax(1) == labels).float()  # (N,)
     flat = [images[labels == c].flatten(1).double() for c in range(NUM_CLASSES)]  # (N_c, C*H*W)
     distances = [torch.cdist(f, f).sum() / (len(f) * (len(f) - 1)) for f in flat if len(f) > 1]
     return {
         "accuracy": hit.mean().item(),
+        "ci": wilson_interval(hit.sum().item(), len(hit)),
         "confidence": probs[torch.arange(len(labels)), labels].mean().item(),
         "diversity": torch.stack(distances).mean().item(),
+        "fd": None if reference is None else frechet_distance(features, reference),
         "per_class": [hit[labels == c].mean().item() for c in range(NUM_CLASSES)],
     }
 
@@ -551,56 +639,90 @@ def fidelity(classifier, images, labels, device):
 def evaluate(run, args, device):
     """--eval: a `real` row for up to --eval-per-class test images of each class, one row per w of
     --eval-scales on the whole chain, and one per w > 1 guided only in --eval-interval. Every row
-    starts from the same noise, so the rows differ only by the guidance."""
-    load = partial(load_dataset, args.dataset, args.data_dir, args.synthetic_size, args.seed)
-    train_set, (images, labels) = load(train=True), load(train=False)
-    classifier = get_classifier(args, *train_set, device)
-    n, t0 = args.eval_per_class, time.time()
-    real = torch.cat([(labels == c).nonzero()[:n, 0] for c in range(NUM_CLASSES)])
-    scores = fidelity(classifier, images[real].float() / 127.5 - 1, labels[real], device)
+    starts from the same noise, so the rows differ only by the guidance; each is printed when done.
+    The test set is split in two halves: the `real` row's images come from one, the reference of
+    every row's FD from the other."""
+    classifier = get_classifier(args, *load_training_set(args), device)
+    images, labels = load_dataset(args.dataset, args.data_dir, args.synthetic_size, args.seed,
+                                  train=False)  # fmt: skip
+    images = images.float() / 127.5 - 1
+    reference = classify(classifier, images[1::2], device)[0]  # (N/2, 128): the odd half
+    n, t0, names = args.eval_per_class, time.time(), CLASS_NAMES[args.dataset]
+    real = torch.cat([(labels[::2] == c).nonzero()[:n, 0] for c in range(NUM_CLASSES)])
+    scores = fidelity(classifier, images[::2][real], labels[::2][real], device, reference)
     rows = [{"w": "real", "interval": None, "label": "real", **scores}]
+    print(f"class fidelity: {n} samples per class and row, {args.sample_steps} DDIM steps, "
+          f"accuracy with its 95% interval (Wilson), FD to half of the test images")  # fmt: skip
+    print(format_row(None, names))
+    print(format_row(rows[0], names))
     y = torch.arange(NUM_CLASSES).repeat_interleave(n)  # (10 * n,)
     noise = fixed_noise(len(y), images.shape[1], "cpu", args.seed)
     emb, scales, interval = run.sampler.class_emb, args.eval_scales, args.eval_interval
     for w, where in [(w, None) for w in scales] + [(w, interval) for w in scales if w > 1]:
         guided = partial(run.sample, run.sampler, w=w, interval=where or (0, 1), seed=args.seed)
-        parts = zip(y.split(500), noise.split(500))  # 500 images at a time
-        with run.ctx:
-            samples = torch.cat([guided(emb(c.to(device)), z.to(device)).cpu() for c, z in parts])
         label = f"{w:g}" + (" in [{:g}, {:g}]".format(*where) if where else "")
-        scores = fidelity(classifier, samples, y, device)
-        rows.append({"w": w, "interval": where, "label": label, **scores})
-    dt, steps = time.time() - t0, args.sample_steps
-    print(f"class fidelity: {n} samples per class and row, {steps} DDIM steps, {dt:.0f} s")
-    report_eval(rows, CLASS_NAMES[args.dataset], interval, args.out_dir)
+        bar = tqdm(total=len(y), desc=f"w = {label}", unit="img", leave=False, dynamic_ncols=True)
+        samples = []
+        with run.ctx, bar:
+            for c, z in zip(y.split(EVAL_BATCH), noise.split(EVAL_BATCH)):
+                samples.append(guided(emb(c.to(device)), z.to(device)).float().cpu())
+                bar.update(len(c))
+        rows.append({"w": w, "interval": where, "label": label,
+                     **fidelity(classifier, torch.cat(samples), y, device, reference)})  # fmt: skip
+        tqdm.write(format_row(rows[-1], names))
+    print(f"{len(rows) - 1} rows in {time.time() - t0:.0f} s")
+    save_eval(rows, names, interval, args.out_dir)
 
 
-def report_eval(rows, class_names, interval, out_dir):
-    """The table on stdout and in eval.csv, with each class's accuracy, and eval.png: accuracy
-    and diversity against w, and which classes guidance helps most."""
-    header = ["w", "accuracy", "confidence", "diversity", *class_names]
-    table = [[r[k] for k in ("label", *header[1:4])] + r["per_class"] for r in rows]
+def format_row(row, class_names):
+    """One line of the --eval table (the header for row None): label, accuracy, its interval,
+    confidence, diversity, FD, then each class's accuracy."""
+    if row is None:
+        columns = ["accuracy", "95% CI", "confidence", "diversity", "FD", *class_names]
+        return f"{'w':>15}" + "".join(f"{h[:10]:>11}" for h in columns)
+    values = [row["confidence"], row["diversity"], row["fd"], *row["per_class"]]
+    cells = [f"{row['accuracy']:.3f}", "{:.2f}-{:.2f}".format(*row["ci"])]
+    cells += [f"{v:.3f}" for v in values]
+    return f"{row['label']:>15}" + "".join(f"{c:>11}" for c in cells)
+
+
+def save_eval(rows, class_names, interval, out_dir):
+    """eval.csv (the table, with each class's accuracy) and eval.png: accuracy, diversity and FD
+    against w, and which classes guidance helps most."""
+    header = ["w", "accuracy", "ci_low", "ci_high", "confidence", "diversity", "fd", *class_names]
+    table = [[r["label"], r["accuracy"], *r["ci"], r["confidence"], r["diversity"], r["fd"],
+              *r["per_class"]] for r in rows]  # fmt: skip
     with open(os.path.join(out_dir, "eval.csv"), "w", newline="") as f:
         csv.writer(f).writerows([header, *table])
-    print(f"{header[0]:>15}" + "".join(f"{h[:10]:>11}" for h in header[1:]))
-    for label, *values in table:
-        print(f"{label:>15}" + "".join(f"{v:11.3f}" for v in values))
-    fig = figure(figsize=(16, 4))
-    axes = fig.subplots(1, 3)
+    fig = figure(figsize=(21, 4))
+    axes = fig.subplots(1, 4)
     whole, inside = ([r for r in rows[1:] if r["interval"] == i] for i in (None, interval))
     guided = "in [{:g}, {:g}]".format(*interval)
-    for ax, key in zip(axes, ("accuracy", "diversity")):
+    for ax, key in zip(axes, ("accuracy", "diversity", "fd")):
         for part, style, name in ((whole, "o-", "whole chain"), (inside, "s--", guided)):
             if part:
                 ax.plot([r["w"] for r in part], [r[key] for r in part], style, label=name)
         ax.axhline(rows[0][key], ls=":", c="k")  # the real images
     for c, name in enumerate(class_names):
-        axes[2].plot([r["w"] for r in whole], [r["per_class"][c] for r in whole], "o-", label=name)
-    titles = ("classified as requested", "diversity (dotted: real images)", "accuracy per class")
+        axes[3].plot([r["w"] for r in whole], [r["per_class"][c] for r in whole], "o-", label=name)
+    titles = ("classified as requested (dotted: real)", "diversity (dotted: real)",
+              "FD to real test images (dotted: real)", "accuracy per class")  # fmt: skip
     for ax, title in zip(axes, titles):
         ax.set(xlabel="guidance scale w", title=title)
         ax.legend(fontsize=7)
     fig.savefig(os.path.join(out_dir, "eval.png"), dpi=150, bbox_inches="tight")
+
+
+def save_quality_curve(curve, path, title):
+    """quality_curve.png: the learning curve's accuracy against step and against wall-clock time."""
+    fig = figure(figsize=(10, 3.5))
+    axes = fig.subplots(1, 2)
+    for ax, key, xlabel in zip(axes, ("step", "seconds"), ("step", "seconds of training")):
+        ax.plot([p[key] for p in curve], [p["accuracy"] for p in curve], "o-")
+        ax.set(xlabel=xlabel, ylabel="classified as requested", ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
 
 
 # -----------------------------------------------------------------------------
@@ -611,6 +733,13 @@ def report_eval(rows, class_names, interval, out_dir):
 def update_ema(ema, model, decay):
     """ema = decay * ema + (1 - decay) * model, for all tensors in one multi-tensor kernel."""
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
+def ema_decay_at(step, decay):
+    """EMA decay for the update after optimizer step `step` (0-based): step / (step + 1) makes
+    the EMA the plain mean of all weights so far, until that reaches `decay` at step
+    1 / (1 - decay) - 1; from there on it averages over about the last 1 / (1 - decay) steps."""
+    return min(decay, step / (step + 1))
 
 
 def warmup_cosine(step, warmup_steps, total_steps):
@@ -641,15 +770,16 @@ def setup(args, device, total_steps):
     model = build_model(args).to(device, memory_format=fmt)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = torch.optim.AdamW(  # fused: one kernel for the whole update, not one per tensor
-        model.parameters(), args.lr, weight_decay=args.weight_decay, fused=device.type != "mps"
-    )
+        model.parameters(), args.lr, weight_decay=args.weight_decay,
+        fused=device.type in ("cuda", "cpu"),
+    )  # fmt: skip
     lr_lambda = partial(warmup_cosine, warmup_steps=args.warmup_steps, total_steps=total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only
     alphas_cumprod = make_alphas_cumprod(args.schedule, args.timesteps).to(device)
-    train_model = torch.compile(model) if args.compile else model
-    if dist.is_initialized():
-        train_model = DistributedDataParallel(train_model)
+    train_model = DistributedDataParallel(model) if dist.is_initialized() else model
+    if args.compile:  # compiled around DDP, so that its gradient all-reduce overlaps the backward
+        train_model = torch.compile(train_model)  # static shapes: every batch has one size
 
     def step(x0, y, ema_decay):
         """One optimizer step; returns the loss without syncing, so the GPU can run ahead."""
@@ -661,7 +791,8 @@ def setup(args, device, total_steps):
 
     sample = partial(ddim_sample, alphas_cumprod=alphas_cumprod, steps=args.sample_steps,
                      eta=args.eta, interval=args.guidance_interval)  # fmt: skip
-    sampler = torch.compile(ema) if args.compile else ema  # the EMA, compiled separately
+    # the EMA, compiled separately; dynamic: the figures and --eval sample batches of many sizes
+    sampler = torch.compile(ema, dynamic=True) if args.compile else ema
     return argparse.Namespace(model=model, ema=ema, optimizer=optimizer, scheduler=scheduler,
                               scaler=scaler, step=step, sampler=sampler, sample=sample, ctx=ctx,
                               dtype=dtype, memory_format=fmt)  # fmt: skip
@@ -674,46 +805,59 @@ def main(argv=None):
     if args.bench:
         return benchmark(args, device)
     no_training = args.sample_only or args.eval
+    if no_training and world_size > 1:  # the figures and the table need one process, not DDP
+        dist.destroy_process_group()
+        if not master:
+            return None
     ckpt_path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
     check_output_paths(args.out_dir, ckpt_path, writes_ckpt=not no_training)
+    if not (no_training or args.resume) and os.path.exists(ckpt_path):
+        fail(f"{ckpt_path} already holds a run: continue it with --resume, or train a new one "
+             "with another --out-dir")  # fmt: skip
     # the checkpoint also sets the MODEL_ARGS flags: the architecture and the schedule
     ckpt = load_checkpoint(ckpt_path, args) if args.resume or no_training else None
     if no_training:
         run = setup(args, device, total_steps=1)
         run.model.load_state_dict(ckpt["model"])
         run.ema.load_state_dict(ckpt["ema"])
-        if master and args.sample_only:
+        if args.sample_only:
             with run.ctx:
                 run_experiments(run.model, run.sampler, run.sample, args)
-        if master and args.eval:
+        if args.eval:
             evaluate(run, args, device)
         return run.model
 
     if rank > 0:
         dist.barrier()  # rank 0 downloads the dataset first, the others then read it
-    images, labels = load_dataset(args.dataset, args.data_dir, args.synthetic_size, args.seed)
+    images, labels = load_training_set(args)
     if world_size > 1 and rank == 0:
         dist.barrier()
-    images, labels = images.to(device), labels.to(device)
     rank_batch, hflip = args.batch_size // world_size, args.dataset == "cifar10"
-    steps_per_epoch = math.ceil(len(images) // world_size / rank_batch)
-    total_steps = args.epochs * steps_per_epoch
-    max_steps = min(total_steps, args.max_steps or total_steps)
-    run, step, losses = setup(args, device, total_steps), 0, []
+    # whole batches only (the last, shorter one is left out): one shape for torch.compile
+    steps_per_epoch = len(images) // world_size // rank_batch
+    if steps_per_epoch == 0:
+        fail(f"--batch-size {args.batch_size} is larger than the {len(images)} training images")
+    max_steps = args.max_steps or args.epochs * steps_per_epoch  # the lr schedule spans the run
+    # the learning curve (--eval-every): a fixed set of samples scored by the eval classifier
+    judge = get_classifier(args, images, labels, device) if args.eval_every and master else None
+    images, labels = images.to(device), labels.to(device)
+    run, step, losses, curve, seconds = setup(args, device, max_steps), 0, [], [], 0.0
     if ckpt:
-        for part in CHECKPOINT_PARTS:  # the scaler's state is empty unless --dtype fp16
-            getattr(run, part).load_state_dict(ckpt[part])
-        step, losses = ckpt["step"], ckpt["losses"]
+        for part in CHECKPOINT_PARTS:
+            if ckpt[part]:  # the scaler's state is empty unless the run used --dtype fp16
+                getattr(run, part).load_state_dict(ckpt[part])
+        step, losses, curve, seconds = ckpt["step"], ckpt["losses"], ckpt["curve"], ckpt["seconds"]
     params = sum(p.numel() for p in run.model.parameters()) / 1e6
     resumed = f", resumed at step {step}" if ckpt else ""
     if master:
         print(f"{params:.2f}M parameters, {device}, {run.dtype}, {world_size} process(es){resumed}")
 
     stop, batches, window, saved_step = False, None, [], step  # saved_step 0: nothing saved yet
-    signals = StopSignal()
     bar = tqdm(total=max_steps, initial=step, disable=not master, leave=False, dynamic_ncols=True)
+    t_start = time.perf_counter() - seconds  # seconds: the training time before a --resume
     t_log = time.perf_counter()
-    try:
+    hint = device.type in ("cpu", "mps") and args.preset is None  # the slow-hardware hint, once
+    with StopSignal() as signals, bar:  # restores the signal handlers, closes the bar
         while step < max_steps and not stop:
             epoch, i = divmod(step, steps_per_epoch)
             if i == 0 or batches is None:  # a fresh order each epoch, a function of seed and epoch
@@ -721,12 +865,11 @@ def main(argv=None):
                 batches = epoch_batches(n, rank_batch, epoch, args.seed, rank, world_size, device)
             seed_step(args.seed, rank, step)
             x0, y = get_batch(images, labels, batches[i], hflip, run.memory_format)
-            # EMA warm-up: early on the average would be stuck near the random init, so the
-            # effective decay grows as (1 + step) / (10 + step) until it reaches --ema-decay
-            window.append(run.step(x0, y, min(args.ema_decay, (1 + step) / (10 + step))))
+            window.append(run.step(x0, y, ema_decay_at(step, args.ema_decay)))
             step, epoch_end = step + 1, (step + 1) % steps_per_epoch == 0 or step + 1 == max_steps
             bar.update()
-            if step % args.log_every and not epoch_end:
+            check = args.eval_every and (step % args.eval_every == 0 or step == max_steps)
+            if step % args.log_every and not epoch_end and not check:
                 continue
             # every --log-every steps one check: non-finite loss, Ctrl-C, all DDP ranks agreeing
             window = torch.stack(window).float()  # one device sync for the whole window
@@ -746,14 +889,32 @@ def main(argv=None):
                 tqdm.write(f"epoch {epoch + 1:3d} | step {step:7d} | loss {losses[-1]:.4f} | lr "
                            f"{run.scheduler.get_last_lr()[0]:.2e} | {1e3 * dt:6.1f} ms/step | "
                            f"{args.batch_size / dt:6.0f} img/s")  # fmt: skip
+            if master and hint and (max_steps - step) * dt > 900:  # more than 15 minutes to go
+                tqdm.write(f"at {1e3 * dt:.0f} ms/step on this {device.type} the {max_steps:,} "
+                           f"steps of this run take about {duration(max_steps * dt)}; "
+                           f"`python {SCRIPT}.py --preset laptop` trains in minutes")  # fmt: skip
+            hint = False
+            if master and check:  # the learning curve: EMA samples at the default w
+                with run.ctx:
+                    accuracy = curve_accuracy(judge, run.sampler, run.sample, args.guidance_scale,
+                                              args.seed, device)  # fmt: skip
+                curve.append({"step": step, "seconds": time.perf_counter() - t_start,
+                              "accuracy": accuracy})  # fmt: skip
+                tqdm.write(
+                    f"step {step:7d} | {curve[-1]['seconds']:6.0f} s | samples at "
+                    f"w={args.guidance_scale:g} classified as requested: {accuracy:.3f}"
+                )
+                title = f"{SCRIPT}: EMA samples at w={args.guidance_scale:g}, 10 per class"
+                save_quality_curve(curve, f"{args.out_dir}/quality_curve.png", title)
             if stop or step == max_steps or (epoch_end and (epoch + 1) % args.save_every == 0):
                 if master:
                     parts = {k: getattr(run, k).state_dict() for k in CHECKPOINT_PARTS}
                     parts["model_args"] = {key: getattr(args, key) for key in MODEL_ARGS}
-                    meta = {"script": SCRIPT, "args": vars(args), "step": step, "losses": losses}
+                    meta = {"script": SCRIPT, "args": vars(args), "step": step, "losses": losses,
+                            "curve": curve, "seconds": time.perf_counter() - t_start}  # fmt: skip
                     save_checkpoint({**meta, **parts}, ckpt_path)
                 saved_step = step
-            if master and epoch_end and (epoch + 1) % args.sample_every == 0:
+            if master and epoch_end and args.sample_every and (epoch + 1) % args.sample_every == 0:
                 w = args.guidance_scale
                 with run.ctx:
                     x = class_rows(run.sampler, run.sample, w, args.seed, rows=2)
@@ -761,16 +922,14 @@ def main(argv=None):
                 title = f"EMA samples after epoch {epoch + 1} (w={w:g})"
                 save_image_grid(x, path, title, CLASS_NAMES[args.dataset])
             t_log = time.perf_counter()
-    finally:
-        signals.restore()
-        bar.close()
 
     if master:
         save_loss_curve(losses, f"{args.out_dir}/loss.png", f"{SCRIPT}: training loss")
         if stop:
             print(f"interrupted at step {step}: saved {ckpt_path}; continue with --resume")
         else:
-            print(f"done: {step} steps, checkpoint {ckpt_path}")
+            print(f"done: {step} steps in {time.perf_counter() - t_start:.0f} s, "
+                  f"checkpoint {ckpt_path}")  # fmt: skip
             with run.ctx:
                 run_experiments(run.model, run.sampler, run.sample, args)
     if world_size > 1:
@@ -818,16 +977,43 @@ class_pairs = checked(  # "3-5,0-8" -> [(3, 5), (0, 8)]
 )
 
 
+# A preset is a recipe: its values replace the defaults below, flags given on the command line win.
+PRESETS = {
+    # real digits on a laptop CPU in minutes: a 0.35M-parameter U-Net with a high lr, in steps
+    "laptop": {
+        "dataset": "mnist", "base_ch": 16, "ch_mult": [1, 2, 2], "num_res_blocks": 1,
+        "cond_dim": 128, "dropout": 0.0, "schedule": "linear", "batch_size": 64, "lr": 5e-3,
+        "warmup_steps": 100, "max_steps": 1500, "p_uncond": 0.1, "ema_decay": 0.996,
+        "guidance_scale": 3.0, "sample_steps": 25, "sample_every": 0, "eval_every": 300,
+        "out_dir": "out/ddpm_mnist_laptop",
+    },
+}  # fmt: skip
+
+
 def get_args(argv=None):
-    fmt, description = argparse.ArgumentDefaultsHelpFormatter, __doc__.strip().split("\n")[0]
-    p = argparse.ArgumentParser(f"{SCRIPT}.py", description=description, formatter_class=fmt)
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        """Defaults in the help, and the presets' epilog as written."""
+
+    def as_flags(values):  # {"ch_mult": [1, 2, 2]} -> "--ch-mult 1,2,2"
+        text = (",".join(map(str, v)) if isinstance(v, list) else str(v) for v in values.values())
+        return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in zip(values, text))
+
+    presets = [f"--preset {name}: {as_flags(values)}" for name, values in PRESETS.items()]
+    wrap = partial(textwrap.fill, width=100, initial_indent="  ", subsequent_indent="      ")
+    epilog = "presets (flags given on the command line win):\n" + "\n".join(map(wrap, presets))
+    description = __doc__.strip().split("\n")[0]
+    p = argparse.ArgumentParser(f"{SCRIPT}.py", description=description, epilog=epilog,
+                                formatter_class=Formatter)  # fmt: skip
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, exit code 2
     # fmt: off
+    p.add_argument("--preset", choices=tuple(PRESETS), help="a recipe of flag values (see below)")
     add = p.add_argument_group("data").add_argument
     add("--dataset", default="cifar10", choices=("cifar10", "mnist", "synthetic"),
         help="cifar10, mnist (padded to 32x32) or synthetic (coloured shapes made in memory)")
     add("--data-dir", default="data", help="where torchvision finds or downloads data")
     add("--synthetic-size", type=positive_int, default=10000, help="images in --dataset synthetic")
+    add("--train-size", type=nonnegative_int, default=0,
+        help="train on a balanced subset: N/10 images per class, chosen by --seed (0: all)")
     add = p.add_argument_group("model").add_argument
     add("--base-ch", type=positive_int, default=128, help="channels at 32x32 (even)")
     add("--ch-mult", type=int_list, default=[1, 2, 2], help="channel multiplier per resolution")
@@ -836,22 +1022,30 @@ def get_args(argv=None):
     add("--attn-heads", type=positive_int, default=4, help="self-attention heads")
     add("--cond-dim", type=positive_int, default=256, help="width of the time + class embedding")
     add("--dropout", type=probability, default=0.1, help="dropout in residual blocks")
+    add("--class-init-std", type=positive_float, default=0.02,
+        help="std of the class embedding's initial weights (1: the label is heard from step 1)")
     add = p.add_argument_group("diffusion").add_argument
     add("--schedule", default="cosine", choices=("cosine", "linear"), help="beta schedule")
     add("--timesteps", type=positive_int, default=1000, help="diffusion steps T")
     add = p.add_argument_group("training").add_argument
     add("--epochs", type=positive_int, default=50, help="passes over the training set")
-    add("--max-steps", type=positive_int, help="stop early; the lr schedule spans --epochs")
+    add("--max-steps", type=positive_int,
+        help="optimizer steps of the run, instead of --epochs; the lr schedule spans them")
     add("--batch-size", type=positive_int, default=128, help="global batch, split over ranks")
     add("--lr", type=positive_float, default=2e-4, help="peak AdamW learning rate")
     add("--weight-decay", type=nonnegative_float, default=1e-4, help="AdamW decay")
     add("--warmup-steps", type=nonnegative_int, default=1000, help="steps of linear lr warm-up")
     add("--grad-clip", type=positive_float, default=1.0, help="max gradient norm")
     add("--p-uncond", type=probability, default=0.15, help="share of labels made null (CFG)")
-    add("--ema-decay", type=probability, default=0.9999, help="EMA decay of the weights")
+    add("--ema-decay", type=probability, default=0.9995,
+        help="EMA decay d: averages the last 1/(1-d) steps' weights (the plain mean before)")
     add("--log-every", type=positive_int, default=50, help="steps between logs and checks")
     add("--save-every", type=positive_int, default=1, help="epochs between checkpoints")
-    add("--sample-every", type=positive_int, default=5, help="epochs between preview grids")
+    add("--sample-every", type=nonnegative_int, default=5,
+        help="epochs between preview grids (0: none)")
+    add("--eval-every", type=nonnegative_int, default=0,
+        help="steps between learning-curve points: 100 samples scored by the eval classifier, "
+             "in the log and quality_curve.png (0: none)")
     add("--resume", action="store_true", help="continue from --ckpt (default --out-dir/ckpt.pt)")
     add = p.add_argument_group("sampling and experiments").add_argument
     add("--guidance-scale", type=nonnegative_float, default=4.0,
@@ -863,22 +1057,26 @@ def get_args(argv=None):
     add("--guidance-scales", type=float_list, default=[1, 2, 4, 6, 8, 10], help="w of the sweep")
     add("--interp-pairs", type=class_pairs, default=[(3, 5), (0, 8), (1, 9), (2, 0)],
         help="class pairs a-b for interpolation.png (CIFAR: cat->dog, airplane->ship, ...)")
-    add("--grid-rows", type=positive_int, default=10, help="samples per class in class_grid.png")
+    add("--grid-per-class", type=positive_int, default=10,
+        help="samples per class in class_grid.png")
     add("--sample-only", action="store_true", help="no training: the experiments from --ckpt")
     add("--ckpt", default=None, help="checkpoint to read and write (default --out-dir/ckpt.pt)")
     add = p.add_argument_group("evaluation").add_argument
     add("--eval", action="store_true", help="no training: score --ckpt's samples with a classifier")
-    add("--eval-per-class", type=positive_int, default=100, help="samples per class and row (>= 2)")
+    add("--eval-per-class", type=positive_int,
+        help="samples per class and row (>= 2); default 100 on a GPU, 20 on CPU or MPS")
     add("--eval-scales", type=float_list, default=[0, 1, 2, 3, 4, 6], help="w scored by --eval")
     add("--eval-interval", type=interval_pair, default=(0.0, 0.7), metavar="LO,HI",
         help="guidance interval of the table's extra rows (one per w > 1)")
-    add("--classifier-epochs", type=positive_int, default=10, help="epochs of the eval classifier")
+    add("--classifier-steps", type=positive_int, default=400,
+        help="training steps (batch 128) of the eval classifier")
     add = p.add_argument_group("system").add_argument
     add("--out-dir", default="out/ddpm_cifar", help="checkpoints and figures go here")
     add("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"), help="cuda > mps > cpu")
     add("--seed", type=nonnegative_int, default=0, help="random seed")
     add("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
-        help="autocast precision; auto = bf16 on CUDA where supported, else fp32")
+        help="autocast precision; auto = bf16 on GPUs with native bf16 (compute capability "
+             "8.0+), fp16 on older GPUs, fp32 on CPU and MPS")
     add("--compile", action="store_true", help="torch.compile the model and the sampling EMA")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=True,
         help="NHWC memory format for the convolutions (faster on tensor cores)")
@@ -887,6 +1085,9 @@ def get_args(argv=None):
     add("--bench-samples", type=positive_int, default=256, help="images per timed sampling run")
     # fmt: on
     args = p.parse_args(argv)
+    if args.preset:  # the preset's values become the defaults: given flags still win
+        p.set_defaults(**PRESETS[args.preset])
+        args = p.parse_args(argv)
     p.set_defaults(**dict.fromkeys(vars(args)))  # parse again without defaults: what was given?
     args.given = tuple(k for k, v in vars(p.parse_args(argv)).items() if v is not None)
 
@@ -907,6 +1108,11 @@ def get_args(argv=None):
             p.error(f"--attn-heads {args.attn_heads} does not divide {channels} channels at {res}")
     if args.sample_steps > args.timesteps:
         p.error(f"--sample-steps {args.sample_steps} exceeds --timesteps {args.timesteps}")
+    if args.train_size % NUM_CLASSES:
+        p.error(f"--train-size must be a multiple of 10 (balanced), got {args.train_size}")
+    if args.eval_per_class is None:  # sampling speed: minutes on a CPU, seconds on a GPU
+        gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        args.eval_per_class = 100 if gpu else 20
     if args.eval_per_class < 2:
         p.error("--eval-per-class must be at least 2 (diversity is a pairwise distance)")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -933,12 +1139,17 @@ def fail(message, code=2):
 def precision(name, device):
     """(dtype, autocast context). bf16/fp16 autocast runs convs and matmuls in half precision,
     norms, softmax and the loss in fp32; with fp32 the context is a no-op, so one `with ctx:`
-    serves every precision. TF32 tensor cores only with mixed precision: fp32 stays true fp32."""
+    serves every precision. fp16 needs the GradScaler, which setup() switches on for it."""
     if name == "auto":
-        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        # bf16 only where the GPU runs it natively (Ampere, compute capability 8.0+); older
+        # CUDA GPUs (T4, V100) emulate it slowly: fp16 with the loss scaler there
+        cuda = device.type == "cuda"
+        new_gpu = cuda and torch.cuda.get_device_capability(device) >= (8, 0)
+        name = ("bf16" if new_gpu else "fp16") if cuda else "fp32"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
     fp32 = dtype == torch.float32
-    torch.set_float32_matmul_precision("highest" if fp32 else "high")
+    # fp32 is true fp32: no TF32 tensor cores in matmuls nor in cuDNN convolutions
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not fp32
     return dtype, contextlib.nullcontext() if fp32 else torch.autocast(device.type, dtype=dtype)
 
 
@@ -965,21 +1176,30 @@ def seed_step(seed, rank, step):
 
 
 class StopSignal:
-    """Ctrl-C (SIGINT) or SIGTERM (torchrun, schedulers) sets a flag, so the training loop can save
-    a checkpoint and exit cleanly at its next check. A second Ctrl-C aborts at once."""
+    """Inside `with StopSignal() as s:`, Ctrl-C or SIGTERM (torchrun, schedulers, `kill`) sets
+    s.requested, so the loop saves and exits cleanly at its next check; a second Ctrl-C aborts at
+    once."""
 
-    def __init__(self):
+    def __enter__(self):
         self.requested = False
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
 
     def handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
 
-    def restore(self):
+    def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+def duration(seconds):
+    """2000 -> "33 minutes", 30000 -> "8.3 hours", 700000 -> "8.1 days"."""
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} minutes"
+    return f"{seconds / 3600:.1f} hours" if seconds < 172800 else f"{seconds / 86400:.1f} days"
 
 
 def check_output_paths(out_dir, ckpt_path, writes_ckpt):
@@ -1022,6 +1242,8 @@ def load_checkpoint(path, args):
             value = ",".join(map(str, saved)) if isinstance(saved, list) else saved
             fail(f"{path} was trained with {flag} {value}; leave {flag} out or pass {flag} {value}")
         setattr(args, key, saved)
+    if args.sample_steps > args.timesteps:  # again: --timesteps may come from the checkpoint
+        fail(f"--sample-steps {args.sample_steps} exceeds {path}'s --timesteps {args.timesteps}")
     # the parameter names and shapes of the network these flags build (built on the CPU: under a
     # second, where the meta device's weight init would first import torch._dynamo, ~3 s)
     expected = {k: v.shape for k, v in build_model(args).state_dict().items()}
@@ -1109,14 +1331,21 @@ def benchmark(args, device):
           f"max {max(gaps):.2e}")  # fmt: skip
 
 
+def synchronize(device):
+    """Wait until the GPU has finished the queued work (CUDA and MPS run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def timed(fn, device, repeat=1):
     """Seconds per call of fn, over `repeat` back-to-back calls, the device synchronised."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    sync()
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(repeat):
         fn()
-    sync()
+    synchronize(device)
     return (time.perf_counter() - t0) / repeat
 
 

@@ -38,7 +38,7 @@ TINY = {
     "ddpm_cifar_cfg": [
         "--dataset", "synthetic", "--synthetic-size", "48", "--base-ch", "8", "--ch-mult", "1,2",
         "--num-res-blocks", "1", "--attn-res", "16", "--attn-heads", "2", "--cond-dim", "16",
-        "--batch-size", "8", "--sample-steps", "2", "--grid-rows", "1", "--device", "cpu",
+        "--batch-size", "8", "--sample-steps", "2", "--grid-per-class", "1", "--device", "cpu",
         "--log-every", "2", "--guidance-scales", "1,4", "--interp-pairs", "3-5",
     ],
     "flow_dit_mnist_cfg": [
@@ -140,7 +140,7 @@ def test_ddpm_cfg_algebra():
 
 
 def test_ddpm_loss_decreases_on_fixed_batch():
-    args = tiny_ddpm("--lr", "2e-3", "--dropout", "0")
+    args = tiny_ddpm("--lr", "1e-2", "--dropout", "0")
     torch.manual_seed(0)
     model = ddpm.build_model(args)
     images, labels = ddpm.make_synthetic(8, seed=0)
@@ -154,20 +154,29 @@ def test_ddpm_loss_decreases_on_fixed_batch():
             return loss_fn(model, x0, y).item()
 
     before = fixed_loss()
-    train_on_fixed_batch(ddpm, model, x0, y, loss_fn, steps=30, lr=args.lr)
+    train_on_fixed_batch(ddpm, model, x0, y, loss_fn, steps=10, lr=args.lr)
     after = fixed_loss()
     assert before > 0.9, "the zero-initialised output layer predicts eps = 0: loss ~ 1 at start"
     assert after < 0.6 * before, f"loss went from {before:.3f} to only {after:.3f}"
 
 
-def test_ddpm_end_to_end_then_sample_only(tmp_path, capsys):
+def test_ddpm_end_to_end_then_sample_only(tmp_path, capsys, monkeypatch):
+    """Training with a learning curve and the figures, then --sample-only, --eval (which reuses
+    the curve's cached classifier) and a --resume that extends the curve. In-process: the
+    torchrun and Ctrl-C tests run the script as a real command line."""
     out = tmp_path / "run"
-    r = run_script("ddpm_cifar_cfg", *TINY["ddpm_cifar_cfg"], "--epochs", "1", "--max-steps", "3",
-                   "--out-dir", str(out))  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    assert (out / "ckpt.pt").is_file() and (out / "loss.png").is_file()
+    curve = ["--eval-every", "3", "--classifier-steps", "2", "--warmup-steps", "1"]
+    flags = TINY["ddpm_cifar_cfg"] + curve + ["--max-steps", "3", "--out-dir", str(out)]
+    code, stdout, err = run_main(ddpm, flags, capsys)
+    assert code == 0, err
+    for name in ["ckpt.pt", "loss.png", "quality_curve.png", "classifier.pt"]:
+        assert (out / name).stat().st_size > 0, name
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 3 and len(ckpt["losses"]) == 3
+    assert ckpt["scheduler"]["_last_lr"] == [0.0], "the cosine ends at --max-steps, not --epochs"
+    [point] = ckpt["curve"]
+    assert point["step"] == 3 and 0 <= point["accuracy"] <= 1 and point["seconds"] > 0
+    assert f"step       3 | {point['seconds']:6.0f} s | samples at w=4 classified" in stdout
     figures = ["class_grid.png", "guidance_sweep.png", "interpolation.png", "ema_vs_raw.png"]
     for name in figures:
         (out / name).unlink()
@@ -178,27 +187,31 @@ def test_ddpm_end_to_end_then_sample_only(tmp_path, capsys):
     for name in figures:
         assert (out / name).stat().st_size > 1000, name
     flags = TINY["ddpm_cifar_cfg"] + ["--eval", "--out-dir", str(out), "--eval-per-class", "3"]
-    flags += ["--eval-scales", "0,4", "--classifier-epochs", "1"]
+    flags += ["--eval-scales", "0,4", "--classifier-steps", "2"]
     code, stdout, err = run_main(ddpm, flags, capsys)
     assert code == 0, err
+    assert "classifier: trained" not in stdout, "the classifier of the learning curve is reused"
     table = stdout.splitlines()
     header = next(i for i, line in enumerate(table) if line.split()[:2] == ["w", "accuracy"])
+    assert table[header].split()[2:6] == ["95%", "CI", "confidence", "diversity"]
     labels = [line.split()[0] for line in table[header + 1 : header + 5]]
     assert labels == ["real", "0", "4", "4"] and "in [0, 0.7]" in table[header + 4]
     with open(out / "eval.csv") as f:
-        rows = list(csv.reader(f))
-    assert rows[0][:4] == ["w", "accuracy", "confidence", "diversity"]
-    assert rows[0][4:] == ddpm.CLASS_NAMES["synthetic"], "one accuracy column per class"
-    assert [r[0] for r in rows[1:]] == ["real", "0", "4", "4 in [0, 0.7]"]
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[:7] == ["w", "accuracy", "ci_low", "ci_high", "confidence", "diversity",
+                                 "fd"]  # fmt: skip
+    assert list(rows[0])[7:] == ddpm.CLASS_NAMES["synthetic"], "one accuracy column per class"
+    assert [r["w"] for r in rows] == ["real", "0", "4", "4 in [0, 0.7]"]
+    for r in rows:  # the accuracy inside its interval, the FD of a row >= 0
+        assert float(r["ci_low"]) <= float(r["accuracy"]) <= float(r["ci_high"]), r
+        assert float(r["fd"]) >= 0
     assert (out / "eval.png").stat().st_size > 0
-
-
-def test_ddpm_bad_flag_subprocess():
-    r = run_script("ddpm_cifar_cfg", "--p-uncond", "1.5")
-    assert r.returncode == 2
-    assert r.stderr.strip() == (
-        "ddpm_cifar_cfg.py: error: argument --p-uncond: expected a probability in [0, 1], got '1.5'"
-    )
+    skip_experiments(ddpm, monkeypatch)
+    ddpm.main(TINY["ddpm_cifar_cfg"] + curve + ["--max-steps", "6", "--out-dir", str(out),
+                                                "--resume"])  # fmt: skip
+    resumed = torch.load(out / "ckpt.pt", weights_only=True)["curve"]
+    assert [p["step"] for p in resumed] == [3, 6] and resumed[0] == point, "the curve survives"
+    assert resumed[1]["seconds"] > point["seconds"]
 
 
 def test_ddpm_ema_equals_per_parameter_reference():
@@ -213,6 +226,391 @@ def test_ddpm_ema_equals_per_parameter_reference():
             r.mul_(decay).add_(p.detach(), alpha=1 - decay)
     for r, e in zip(reference, ema.parameters(), strict=True):
         torch.testing.assert_close(e, r)
+
+
+def test_ddpm_ema_is_the_running_mean_until_the_cap_then_exponential():
+    """--ema-decay d: the plain mean of the weights so far until step 1/(1-d) - 1, where the decay
+    reaches d; from there on an exponential average with decay exactly d, over a run long enough
+    to reach it (d = 0.99: the cap at step 99 of 300)."""
+    assert [ddpm.ema_decay_at(s, 0.99) for s in (0, 1, 9, 98)] == [0, 0.5, 0.9, 98 / 99]
+    assert ddpm.ema_decay_at(99, 0.99) == 0.99 and ddpm.ema_decay_at(10**6, 0.99) == 0.99
+    model, ema = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    weights = torch.randn(300, generator=torch.Generator().manual_seed(0)).double()
+    model.double(), ema.double()
+    expected = 0.0
+    for s, w in enumerate(weights.tolist()):
+        model.weight.data.fill_(w)
+        ddpm.update_ema(ema, model, ddpm.ema_decay_at(s, 0.99))
+        if s < 100:  # the mean of the weights after steps 0..s
+            expected = weights[: s + 1].mean().item()
+        else:
+            expected = 0.99 * expected + 0.01 * w
+        assert ema.weight.item() == pytest.approx(expected, abs=1e-12), s
+    assert ema.weight.item() != pytest.approx(weights[-100:].mean().item(), abs=1e-3)
+
+
+def test_ddpm_lr_warm_up_then_cosine_to_zero():
+    lr = partial(ddpm.warmup_cosine, warmup_steps=10, total_steps=110)
+    assert [lr(s) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]  # linear, reaching 1 at step 9
+    assert (
+        lr(10) == 1.0
+        and lr(60) == pytest.approx(0.5)
+        and lr(35) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    )  # cosine of the share of the decay done
+    assert lr(110) == pytest.approx(0.0, abs=1e-12) and lr(500) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", ["ddpm_cifar_cfg", "flow_dit_mnist_cfg"])
+def test_epoch_batches_are_whole_disjoint_and_reshuffled(name):
+    """Whole batches only (one shape for torch.compile): 103 items in batches of 10 are 10
+    batches of distinct items, a fresh order each epoch; two ranks take disjoint equal shards."""
+    epoch_batches = MODULES[name].epoch_batches
+    batches = epoch_batches(103, 10, epoch=3, seed=0)
+    assert [len(b) for b in batches] == [10] * 10
+    seen = torch.cat(batches).tolist()
+    assert len(set(seen)) == 100 and set(seen) <= set(range(103))
+    other = epoch_batches(103, 10, epoch=4, seed=0)
+    assert set(torch.cat(other).tolist()) != set(seen), "other items are left over each epoch"
+    shards = [epoch_batches(103, 5, 3, 0, rank, 2) for rank in (0, 1)]
+    assert [len(b) for b in shards[0]] == [len(b) for b in shards[1]] == [5] * 10
+    a, b = (set(torch.cat(s).tolist()) for s in shards)
+    assert not a & b, "ranks see disjoint shards"
+
+
+def test_ddpm_precision_auto_follows_compute_capability(monkeypatch):
+    """auto: bf16 only on GPUs with native bf16 (compute capability 8.0+), fp16 (with the loss
+    scaler) on a T4 or V100, fp32 on the CPU; fp32 also turns TF32 off in matmuls and cuDNN."""
+    cuda, saved = torch.device("cuda"), (torch.backends.cuda.matmul.allow_tf32,
+                                         torch.backends.cudnn.allow_tf32)  # fmt: skip
+    try:
+        for capability, dtype in [((7, 5), torch.float16), ((7, 0), torch.float16),
+                                  ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)]:  # fmt: skip
+            monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, c=capability: c)
+            assert ddpm.precision("auto", cuda)[0] == dtype, capability
+            assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        dtype, ctx = ddpm.precision("auto", torch.device("cpu"))
+        assert dtype == torch.float32 and isinstance(ctx, contextlib.nullcontext)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert ddpm.precision("fp16", torch.device("cpu"))[0] == torch.float16
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_ddpm_timed_synchronizes_mps_and_cuda(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append("mps"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("cuda"))
+    for device in ("mps", "cuda", "cpu"):
+        ddpm.timed(lambda: calls.append("fn"), torch.device(device))
+    assert calls == ["mps", "fn", "mps", "cuda", "fn", "cuda", "fn"]
+
+
+def test_ddpm_bf16_autocast_on_cpu_gives_a_loss_close_to_fp32():
+    args = tiny_ddpm("--dropout", "0")
+    torch.manual_seed(0)
+    model = ddpm.build_model(args)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)  # a non-zero output layer
+    images, labels = ddpm.make_synthetic(8, seed=0)
+    x0, y = ddpm.get_batch(images, labels, torch.arange(8), False, torch.contiguous_format)
+    ac = ddpm.make_alphas_cumprod("cosine", 1000)
+    losses = {}
+    for name in ("fp32", "bf16"):
+        dtype, ctx = ddpm.precision(name, torch.device("cpu"))
+        torch.manual_seed(1)
+        with ctx:
+            losses[name] = ddpm.diffusion_loss(model, x0, y, ac, 0.15)
+        assert losses[name].dtype == torch.float32
+    assert math.isfinite(losses["bf16"].item()) and losses["bf16"] != losses["fp32"], losses
+    assert losses["bf16"].item() == pytest.approx(losses["fp32"].item(), rel=0.03)
+
+
+def count_graphs(monkeypatch):
+    """torch.compile with a backend that runs the traced graph as it is and counts the graphs
+    Dynamo hands it: every (re)compilation adds one."""
+    graphs, real_compile = [], torch.compile
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, backend=counting, **kw))
+    torch._dynamo.reset()
+    return graphs
+
+
+def test_ddpm_compiled_training_and_sampling_never_recompile(monkeypatch):
+    """Training steps of one batch shape compile once; the sampler (dynamic) compiles once for
+    batches of every size: the figures' 10, 8 and 20 images, --eval's last smaller batch."""
+    graphs = count_graphs(monkeypatch)
+    args = tiny_ddpm("--compile", "--ch-mult", "1", "--attn-res", "32")  # a U-Net of one level
+    run = ddpm.setup(args, torch.device("cpu"), total_steps=10)
+    images, labels = ddpm.make_synthetic(8, seed=0)
+    counts = []
+    for batch in ddpm.epoch_batches(8, 4, epoch=0, seed=0):  # two steps
+        run.step(*ddpm.get_batch(images, labels, batch, False, run.memory_format), 0.5)
+        counts.append(len(graphs))
+    assert counts[0] >= 1 and counts[1] == counts[0], counts
+    after_training = counts[-1]
+    counts = []
+    for n in (3, 5):  # a guided pass is one batch of 2n
+        noise = torch.randn(n, 3, 32, 32)
+        run.sample(run.sampler, run.sampler.class_emb(torch.arange(n)), noise, 4.0)
+        counts.append(len(graphs))
+    assert counts[0] > after_training, "the sampler is compiled"
+    assert counts[1] == counts[0], "a new batch size recompiled the sampler"
+
+
+def test_ddpm_compile_wraps_the_ddp_model(monkeypatch, tmp_path):
+    """torch.compile(DDP(model)): DDP's gradient all-reduce then overlaps the compiled backward."""
+    import torch.distributed as dist
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or m)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)  # fmt: skip
+    try:
+        ddpm.setup(tiny_ddpm("--compile"), torch.device("cpu"), total_steps=1)
+    finally:
+        dist.destroy_process_group()
+    assert isinstance(compiled[0], torch.nn.parallel.DistributedDataParallel)
+
+
+def test_ddpm_ddim_with_eta_1_and_few_steps_stays_finite():
+    """eta = 1, 3 steps: 1 - a_prev - sigma^2 is ~0 at the last step and float32 rounding makes
+    it negative; clamped, the samples are finite and land on the data."""
+    a = ddpm.make_alphas_cumprod("cosine", 1000)
+    points, noise, labels = point_mass_setup()
+    model = PointMassEps(a, points)
+    for steps in (2, 3):
+        torch.manual_seed(0)
+        x = ddpm.ddim_sample(model, model.class_emb(labels), noise, 1.0, a, steps, eta=1.0)
+        assert x.isfinite().all(), steps
+        torch.testing.assert_close(x, points[labels], rtol=0, atol=1e-4)
+        drawn = torch.rand(1)
+        torch.manual_seed(0)
+        assert torch.equal(drawn, torch.rand(1)), "its own generator: the global stream untouched"
+
+
+def test_ddpm_ddim_clips_the_predicted_x0_to_the_data_range():
+    """Data outside [-1, 1] (a point mass at +-1.5): every predicted x0 is clipped to [-1, 1], so
+    the samples end at +-1, not at the data."""
+    a = ddpm.make_alphas_cumprod("cosine", 1000)
+    points = torch.full((ddpm.NUM_CLASSES + 1, 1, 4, 4), 1.5)
+    points[1::2] = -1.5
+    model = PointMassEps(a, points)
+    labels = torch.arange(4)
+    x = ddpm.ddim_sample(model, model.class_emb(labels), torch.randn(4, 1, 4, 4), 1.0, a, 5)
+    torch.testing.assert_close(x, torch.tensor([1.0, -1, 1, -1]).view(4, 1, 1, 1).expand_as(x))
+
+
+def test_ddpm_guidance_interval_is_read_on_t_over_T():
+    """An interval not symmetric under t / T -> 1 - t / T: [0.5, 1] (the noisy half) guides the
+    first two of the steps t / T = 0.999, 0.666, 0.333, 0; reading it as 1 - t / T would guide
+    the last two."""
+    model, B = CountingModel(), 3
+    a, emb = ddpm.make_alphas_cumprod("cosine", 1000), model.class_emb(torch.zeros(B).long())
+    ddpm.ddim_sample(model, emb, torch.randn(B, 1, 32, 32), 3.0, a, 4, interval=(0.5, 1.0))
+    assert model.batch_sizes == [2 * B, 2 * B, B, B]
+
+
+def test_ddpm_adagn_scales_by_one_plus_scale():
+    """AdaGN(h, c) = GroupNorm(h) * (1 + scale(c)) + shift(c): with the modulation's bias alone
+    (scale, shift) and the second conv an identity, the block is x + silu(that), by hand."""
+    torch.manual_seed(0)
+    block = ddpm.ResBlock(8, 8, cond_dim=3, dropout=0.0)
+    torch.nn.init.zeros_(block.modulation.weight)
+    with torch.no_grad():
+        block.conv2.weight.zero_()
+        block.conv2.weight[:, :, 1, 1] = torch.eye(8)  # a 3x3 conv that copies its input
+        block.conv2.bias.zero_()
+    x, cond = torch.randn(2, 8, 5, 5), torch.randn(2, 3)
+    h = block.conv1(F.silu(block.norm1(x)))
+    groups = ddpm.norm_groups(8)
+    for scale, shift in [(0.0, 0.0), (-1.0, 0.3), (0.5, -0.2)]:
+        with torch.no_grad():
+            block.modulation.bias.copy_(torch.tensor([scale] * 8 + [shift] * 8))
+            expected = x + F.silu(F.group_norm(h, groups) * (1 + scale) + shift)
+            torch.testing.assert_close(block(x, cond), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_ddpm_self_attention_mixes_positions_by_hand():
+    """Attention over the H*W positions, per head, from the layer's own 1x1 convs, by hand; the
+    zero-initialised output projection makes a fresh layer the identity."""
+    torch.manual_seed(0)
+    C, heads, H, W = 8, 2, 3, 4
+    layer = ddpm.build_model(tiny_ddpm()).mid[0].attn  # as the U-Net initialises it
+    x = torch.randn(2, C * 2, H, W)
+    assert torch.equal(layer(x), x)
+    layer = ddpm.SelfAttention(C, heads)
+    torch.nn.init.normal_(layer.proj.weight, std=0.3)  # not the zero init
+    x = torch.randn(2, C, H, W)
+    with torch.no_grad():
+        h = F.group_norm(x, layer.norm.num_groups, layer.norm.weight, layer.norm.bias)
+        qkv = torch.einsum("oc,bcp->bop", layer.qkv.weight[:, :, 0, 0], h.flatten(2))
+        qkv = qkv + layer.qkv.bias[:, None]  # (B, 3C, H*W)
+        q, k, v = qkv.split(C, dim=1)
+        d = C // heads
+        out = torch.zeros(2, C, H * W)
+        for b in range(2):
+            for i in range(heads):
+                sl = slice(i * d, (i + 1) * d)
+                weights = (q[b, sl].T @ k[b, sl] / math.sqrt(d)).softmax(-1)  # (HW, HW)
+                out[b, sl] = v[b, sl] @ weights.T
+        out = torch.einsum("oc,bcp->bop", layer.proj.weight[:, :, 0, 0], out)
+        expected = x + (out + layer.proj.bias[:, None]).view(2, C, H, W)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_ddpm_timestep_embedding_and_norm_groups_by_hand():
+    e = ddpm.timestep_embedding(torch.tensor([0, 3]), 4)  # frequencies 1 and 1 / 100
+    expected = [[1, 1, 0, 0], [math.cos(3), math.cos(0.03), math.sin(3), math.sin(0.03)]]
+    torch.testing.assert_close(e, torch.tensor(expected))
+    assert [ddpm.norm_groups(c) for c in (8, 16, 32, 64, 128, 256, 12)] == [2, 4, 8, 16, 32, 32, 2]
+
+
+def test_ddpm_fresh_unet_predicts_zero_and_resample_halves_or_doubles():
+    """initialize_weights: the zero output layer makes the first prediction eps = 0 and each
+    zero-initialised residual branch an identity; Resample halves (stride 2) or doubles
+    (nearest neighbour) the resolution."""
+    torch.manual_seed(0)
+    model = ddpm.build_model(tiny_ddpm())
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([3, 700])
+    assert model(x, t, torch.tensor([1, ddpm.NULL_CLASS])).abs().max() == 0
+    block = model.down[0].res
+    torch.testing.assert_close(block(model.stem(x), torch.randn(2, 16)), block.skip(model.stem(x)))
+    up = ddpm.Resample(2, up=True)
+    torch.nn.init.dirac_(up.conv.weight)  # a copy: leaves the upsampling alone
+    torch.nn.init.zeros_(up.conv.bias)
+    small = torch.arange(8.0).view(1, 2, 2, 2)
+    torch.testing.assert_close(
+        up(small, None), small.repeat_interleave(2, 2).repeat_interleave(2, 3)
+    )
+    assert ddpm.Resample(2, up=False)(torch.randn(1, 2, 8, 8), None).shape == (1, 2, 4, 4)
+    for std in (0.02, 1.0):  # --class-init-std sets the class embedding's initial scale
+        weight = ddpm.build_model(tiny_ddpm("--class-init-std", str(std))).class_emb.weight
+        assert abs(weight.std().item() / std - 1) < 0.15, std
+
+
+def test_ddpm_frechet_distance_is_zero_for_a_set_and_grows_with_a_shift():
+    f = torch.randn(500, 6, generator=torch.Generator().manual_seed(0))
+    assert abs(ddpm.frechet_distance(f, f)) < 1e-9
+    for c in (0.1, 0.5, 2.0):  # a mean shift by c in each of 6 dimensions adds 6 c^2
+        assert ddpm.frechet_distance(f, f + c) == pytest.approx(6 * c * c, rel=1e-6)
+    scaled = ddpm.frechet_distance(f, 2 * f)  # S_b = 4 S_a: tr(S_a + 4 S_a - 4 S_a) = tr(S_a)
+    assert scaled == pytest.approx(
+        torch.cov(f.double().T).trace().item() + f.mean(0).square().sum().item(), rel=1e-6
+    )
+
+
+def test_ddpm_wilson_interval_by_hand():
+    lo, hi = ddpm.wilson_interval(95, 100)  # p = 0.95, z = 1.96
+    assert (round(lo, 4), round(hi, 4)) == (0.8882, 0.9785)
+    lo, hi = ddpm.wilson_interval(20, 20)
+    assert hi == pytest.approx(1.0) and lo == pytest.approx(20 / (20 + 1.96**2), rel=1e-6)
+
+
+def test_ddpm_preset_sets_defaults_and_given_flags_win(capsys):
+    args = ddpm.get_args(["--preset", "laptop", "--lr", "1e-3"])
+    preset = ddpm.PRESETS["laptop"]
+    assert args.lr == 1e-3, "a flag on the command line wins"
+    assert args.base_ch == preset["base_ch"] == 16 and args.max_steps == preset["max_steps"]
+    assert args.dataset == "mnist" and args.out_dir == "out/ddpm_mnist_laptop" and args.eval_every
+    assert "lr" in args.given and "base_ch" not in args.given, "preset values are not 'given'"
+    assert ddpm.get_args(["--device", "cpu"]).eval_per_class == 20, "CPU --eval default"
+    with pytest.raises(SystemExit):
+        ddpm.get_args(["--help"])
+    help_text = capsys.readouterr().out
+    assert "--preset laptop: --dataset mnist --base-ch 16 --ch-mult 1,2,2" in help_text
+
+
+def test_ddpm_train_size_is_balanced_and_seeded(capsys):
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(range(20, 30))])  # unbalanced
+    keep = ddpm.balanced_subset(labels, 7, seed=0)
+    assert torch.bincount(labels[keep]).tolist() == [7] * 10 and len(set(keep.tolist())) == 70
+    assert torch.equal(keep, ddpm.balanced_subset(labels, 7, seed=0)), "the same for one seed"
+    assert not torch.equal(keep, ddpm.balanced_subset(labels, 7, seed=1)), "another seed"
+    with pytest.raises(SystemExit) as exit_info:
+        ddpm.balanced_subset(labels, 21, seed=0)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "--train-size 210 needs 21 images of each class, but class 0 has 20" in err
+    args = tiny_ddpm("--train-size", "20")
+    images, labels = ddpm.load_training_set(args)
+    assert len(images) == 20 and torch.bincount(labels).tolist() == [2] * 10
+
+
+def test_ddpm_fresh_run_into_an_occupied_out_dir_stops_before_data_or_model(
+    tmp_path, capsys, monkeypatch
+):
+    (tmp_path / "ckpt.pt").write_bytes(b"a previous run")
+
+    def untouchable(*args, **kwargs):
+        raise AssertionError("data or model touched before the out-dir was checked")
+
+    monkeypatch.setattr(ddpm, "build_model", untouchable)
+    monkeypatch.setattr(ddpm, "load_dataset", untouchable)
+    code, out, err = run_main(ddpm, TINY["ddpm_cifar_cfg"] + ["--out-dir", str(tmp_path)], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.strip().endswith(
+        f"{tmp_path / 'ckpt.pt'} already holds a run: continue it with --resume, or train a new "
+        "one with another --out-dir"
+    )
+    assert (tmp_path / "ckpt.pt").read_bytes() == b"a previous run"
+
+
+def test_ddpm_slow_hardware_hint_once_without_a_preset(tmp_path, monkeypatch, capsys):
+    """With a mocked clock (500 s per step), a CPU run without --preset prints one line with the
+    run's estimated time and the laptop preset, after its first log window; with a preset none."""
+    clock = iter(range(0, 10**6, 1000))  # every reading 1,000 s later: 2 steps per log window
+    monkeypatch.setattr(ddpm.time, "perf_counter", lambda: next(clock))
+    skip_experiments(ddpm, monkeypatch)
+    flags = TINY["ddpm_cifar_cfg"] + ["--max-steps", "6"]
+    code, out, err = run_main(ddpm, flags + ["--out-dir", str(tmp_path / "a")], capsys)
+    assert code == 0, err
+    hint = "at 500000 ms/step on this cpu the 6 steps of this run take about 50 minutes; "
+    assert out.count(hint + "`python ddpm_cifar_cfg.py --preset laptop` trains in minutes") == 1
+    flags += ["--preset", "laptop", "--eval-every", "0", "--out-dir", str(tmp_path / "b")]
+    code, out, err = run_main(ddpm, flags, capsys)
+    assert code == 0 and "--preset laptop` trains" not in out, err
+
+
+def test_ddpm_sample_only_under_torchrun_runs_on_rank_0_only(tmp_path, monkeypatch, capsys):
+    """Under torchrun, --sample-only and --eval leave DDP at once; rank 0 goes on alone (here up
+    to the checkpoint, which is missing), the others leave with exit code 0 and no output."""
+    import torch.distributed as dist
+
+    left = []
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: left.append(True))
+    for rank in (1, 0):
+        monkeypatch.setattr(
+            ddpm, "setup_distributed", lambda d, r=rank: (r, 2, torch.device("cpu"))
+        )
+        flags = ["--sample-only", "--ckpt", "missing.pt", "--out-dir", str(tmp_path)]
+        code, out, err = run_main(ddpm, TINY["ddpm_cifar_cfg"] + flags, capsys)
+        assert left == [True] * (2 - rank)
+        if rank == 1:
+            assert code == 0 and out == err == ""
+        else:
+            assert code == 2 and "no checkpoint at missing.pt" in err
+
+
+def test_ddpm_resume_in_fp16_from_bf16_and_sample_steps_checked_against_the_checkpoint(
+    tmp_path, capsys, monkeypatch
+):
+    """A bf16 checkpoint holds an empty GradScaler state: --resume --dtype fp16 starts a fresh
+    scaler. --sample-steps is checked against the checkpoint's --timesteps, not the default."""
+    skip_experiments(ddpm, monkeypatch)
+    flags = TINY["ddpm_cifar_cfg"] + ["--out-dir", str(tmp_path), "--timesteps", "10"]
+    ddpm.main(flags + ["--max-steps", "1", "--dtype", "bf16"])
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["scaler"] == {}
+    ddpm.main(flags + ["--max-steps", "2", "--dtype", "fp16", "--resume"])
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 2 and "scale" in ckpt["scaler"]
+    system = ["--device", "cpu", "--out-dir", str(tmp_path)]
+    code, out, err = run_main(ddpm, system + ["--sample-only", "--sample-steps", "20"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"--sample-steps 20 exceeds {tmp_path / 'ckpt.pt'}'s --timesteps 10" in err, err
 
 
 def test_ddpm_fast_path_fp32_loss_matches_plain_path():
@@ -231,17 +629,6 @@ def test_ddpm_fast_path_fp32_loss_matches_plain_path():
         losses.append(ddpm.diffusion_loss(model, x0, y, ac, 0.15).item())
     assert losses[0] > 0
     assert abs(losses[0] - losses[1]) <= 1e-5 * losses[0], losses
-
-
-def test_ddpm_epoch_batches_cover_every_index_once():
-    batches = ddpm.epoch_batches(103, 10, epoch=3, seed=0)
-    assert [len(b) for b in batches] == [10] * 10 + [3]
-    assert torch.cat(batches).sort().values.tolist() == list(range(103))
-    other = ddpm.epoch_batches(103, 10, epoch=4, seed=0)
-    assert not torch.equal(torch.cat(batches), torch.cat(other)), "a new order each epoch"
-    shards = [torch.cat(ddpm.epoch_batches(103, 5, 3, 0, rank, 2)) for rank in (0, 1)]
-    assert len(shards[0]) == len(shards[1]) == 51
-    assert not set(shards[0].tolist()) & set(shards[1].tolist()), "ranks see disjoint shards"
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -278,6 +665,14 @@ def test_ddpm_linear_schedule_is_ho_et_al():
     betas = [1e-4 + (0.02 - 1e-4) * i / 999 for i in range(1000)]
     for t in (0, 1, 500, 999):
         assert a[t].item() == pytest.approx(math.prod(1 - b for b in betas[: t + 1]), rel=1e-4)
+    # another T: the betas scale with 1000 / T (T = 100: from 1e-3 to 0.2), the same total noise
+    a = ddpm.make_alphas_cumprod("linear", 100)
+    assert a[0].item() == pytest.approx(1 - 1e-3) and a[1].item() == pytest.approx(
+        (1 - 1e-3) * (1 - 1e-3 - 0.199 / 99)
+    )
+    # the cosine's last beta would be 1 (alpha_bar = 0 at t = T): clipped to 0.999
+    cosine = ddpm.make_alphas_cumprod("cosine", 1000)
+    assert cosine[-1].item() == pytest.approx(cosine[-2].item() * 0.001)
 
 
 def test_ddpm_q_sample_is_the_closed_form():
@@ -427,9 +822,12 @@ def test_ddpm_fidelity_is_exact_for_an_oracle_and_chance_for_shuffled_labels():
     y = torch.arange(10).repeat(30)  # (300,)
     x = (y.float() / 10).view(-1, 1, 1, 1).expand(-1, 3, 32, 32)  # class k: every pixel k / 10
 
-    def oracle(images):
-        k = (images.mean((1, 2, 3)) * 10).round().long()
-        return 20 * F.one_hot(k, 10).float()
+    class ReadBrightness(torch.nn.Module):  # the classifier's body: features = the logits
+        def forward(self, images):
+            k = (images.mean((1, 2, 3)) * 10).round().long()
+            return 20 * F.one_hot(k, 10).float()
+
+    oracle = torch.nn.Sequential(ReadBrightness(), torch.nn.Identity(), torch.nn.Identity())
 
     true = ddpm.fidelity(oracle, x, y, "cpu")
     assert true["accuracy"] == 1 and true["confidence"] > 0.99 and true["diversity"] < 1e-4
@@ -2102,6 +2500,11 @@ BAD_FLAGS = {
         (["--eta", "2"], "argument --eta: expected a number in [0, 1], got '2'"),
         (["--eta", "-0.5"], "argument --eta: expected a number in [0, 1], got '-0.5'"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["--train-size", "15"], "--train-size must be a multiple of 10 (balanced), got 15"),
+        (["--preset", "desktop"], "argument --preset: invalid choice: 'desktop'"),
+        (["--eval-every", "-1"], "argument --eval-every: expected an integer >= 0, got '-1'"),
+        (["--grid-per-class", "0"], "argument --grid-per-class: expected a positive integer"),
+        (["--classifier-steps", "0"], "argument --classifier-steps: expected a positive integer"),
     ],
     "flow_dit_mnist_cfg": [
         (["--p-uncond", "1.5"], "argument --p-uncond: expected a probability in [0, 1], got '1.5'"),
@@ -2210,12 +2613,9 @@ def test_training_loop_uses_the_ema_warm_up(name, tmp_path, monkeypatch):
         real_update(ema, model, decay)
 
     monkeypatch.setattr(module, "update_ema", spy)
-    args = module.get_args(TINY[name] + ["--max-steps", "3", "--out-dir", str(tmp_path)])
-    module.main(TINY[name] + epochs(name, 1) + ["--max-steps", "3", "--out-dir", str(tmp_path)])
-    if name == "flow_dit_mnist_cfg":  # the running mean: 0, 1/2, 2/3, up to --ema-decay
-        assert decays == [min(args.ema_decay, s / (s + 1)) for s in range(3)]
-        return
-    assert decays == [min(args.ema_decay, (1 + s) / (10 + s)) for s in range(3)]
+    flags = ["--max-steps", "3", "--ema-decay", "0.6", "--out-dir", str(tmp_path)]
+    module.main(TINY[name] + epochs(name, 1) + flags)
+    assert decays == [0, 0.5, 0.6], "the running mean step / (step + 1), capped at --ema-decay"
 
 
 def read_only_folder(tmp_path):
