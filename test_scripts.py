@@ -503,6 +503,16 @@ def test_ddpm_frechet_distance_is_zero_for_a_set_and_grows_with_a_shift():
     )
 
 
+def test_ddpm_eval_halves_hold_every_class_whatever_the_order():
+    """Test images stored as 0, 1, ..., 9, 0, 1, ... (as in some subsets): both halves hold half
+    of every class, and they are disjoint."""
+    labels = torch.arange(60) % 10
+    first, second = ddpm.split_in_halves(labels)
+    assert not set(first.tolist()) & set(second.tolist()) and len(first) == len(second) == 30
+    for half in (first, second):
+        assert torch.equal(labels[half].bincount(minlength=10), torch.full((10,), 3))
+
+
 def test_ddpm_wilson_interval_by_hand():
     lo, hi = ddpm.wilson_interval(95, 100)  # p = 0.95, z = 1.96
     assert (round(lo, 4), round(hi, 4)) == (0.8882, 0.9785)
