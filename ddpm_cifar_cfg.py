@@ -1120,7 +1120,9 @@ def get_args(argv=None):
     if args.sample_steps > args.timesteps:
         p.error(f"--sample-steps {args.sample_steps} exceeds --timesteps {args.timesteps}")
     if args.train_size % NUM_CLASSES:
-        p.error(f"--train-size must be a multiple of 10 (balanced), got {args.train_size}")
+        p.error(
+            f"--train-size {args.train_size} must be divisible by {NUM_CLASSES} (a balanced set)"
+        )
     if args.eval_per_class is None:  # sampling speed: minutes on a CPU, seconds on a GPU
         gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         args.eval_per_class = 100 if gpu else 20

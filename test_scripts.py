@@ -2510,7 +2510,7 @@ BAD_FLAGS = {
         (["--eta", "2"], "argument --eta: expected a number in [0, 1], got '2'"),
         (["--eta", "-0.5"], "argument --eta: expected a number in [0, 1], got '-0.5'"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
-        (["--train-size", "15"], "--train-size must be a multiple of 10 (balanced), got 15"),
+        (["--train-size", "15"], "--train-size 15 must be divisible by 10 (a balanced set)"),
         (["--preset", "desktop"], "argument --preset: invalid choice: 'desktop'"),
         (["--eval-every", "-1"], "argument --eval-every: expected an integer >= 0, got '-1'"),
         (["--grid-per-class", "0"], "argument --grid-per-class: expected a positive integer"),
