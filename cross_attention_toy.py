@@ -1257,7 +1257,7 @@ def save_loss_curve(losses, path, title):
     smooth = torch.tensor(losses).unfold(0, window, 1).mean(1)
     ax.plot(range(window - 1, len(losses)), smooth, label=f"mean of {window} steps")
     ax.set(xlabel="step", ylabel="loss", yscale="log", title=title)
-    ax.legend()
+    ax.legend(loc="upper right")  # a fixed corner: "best" searches all the points, slowly
     fig.savefig(path, dpi=150, bbox_inches="tight")
 
 

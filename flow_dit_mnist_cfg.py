@@ -547,7 +547,7 @@ def run_experiments(ema, sample, losses, args):
     save_image_grid(images, f"{out}/uncond_cond_cfg.png", title, list(rows), DIGITS)
     plot_class_embeddings(ema, f"{out}/class_embeddings.png")
     if losses:
-        save_loss_curve(losses, f"{out}/loss.png")
+        save_loss_curve(losses, f"{out}/loss.png", f"{SCRIPT}: flow matching loss (MSE)")
     print(f"figures written to {out}")
 
 
@@ -940,7 +940,9 @@ def main(argv=None):
 
     if master:
         if stop:
-            save_loss_curve(losses, f"{args.out_dir}/loss.png")
+            save_loss_curve(
+                losses, f"{args.out_dir}/loss.png", f"{SCRIPT}: flow matching loss (MSE)"
+            )
             print(f"interrupted at step {step}: saved {ckpt_path}; continue with --resume")
         else:
             print(f"done: {step} steps, checkpoint {ckpt_path}")
@@ -1333,15 +1335,16 @@ def save_image_grid(images, path, title, row_labels, col_labels=None):
     ax.figure.savefig(path, dpi=150, bbox_inches="tight")
 
 
-def save_loss_curve(losses, path):
-    ax = figure(figsize=(6, 3.5)).subplots()
+def save_loss_curve(losses, path, title):
+    fig = figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     ax.plot(losses, lw=0.5, alpha=0.4, label="per step")
     window = max(1, len(losses) // 50)
     smooth = torch.tensor(losses).unfold(0, window, 1).mean(1)
     ax.plot(range(window - 1, len(losses)), smooth, label=f"mean of {window} steps")
-    ax.set(xlabel="step", ylabel="loss", yscale="log", title="Flow matching loss (MSE)")
-    ax.legend()
-    ax.figure.savefig(path, dpi=150, bbox_inches="tight")
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title=title)
+    ax.legend(loc="upper right")  # a fixed corner: "best" searches all the points, slowly
+    fig.savefig(path, dpi=150, bbox_inches="tight")
 
 
 def benchmark(args, device):
