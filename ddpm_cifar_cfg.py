@@ -38,10 +38,10 @@ far). The GPU default 0.9995 averages the last 2,000 of the 19,500 steps of 50 C
 the laptop preset's 0.996 the last 250 of its 2,500 steps.
 
 Measured: `python ddpm_cifar_cfg.py --preset laptop` on the 5k-digit MNIST subset (4,000 training
-digits), a 2-core AMD EPYC CPU, torch 2.14.1: 7.5 minutes in all (the eval classifier 49 s, 2,500
-steps 388 s at about 150 ms per step, the figures); its learning curve (100 EMA samples at w = 3)
+digits), a 2-core AMD EPYC CPU, torch 2.14.1: 6 min 25 s in all (the eval classifier 43 s, 2,500
+steps 332 s at about 125 ms per step, the figures); its learning curve (100 EMA samples at w = 3)
 reads 11%, 27%, 69%, 96% and 99% of the digits as requested after 500, 1,000, 1,500, 2,000 and
-2,500 steps: the digits are well formed early, *which* digit follows late. Its --eval (83 s):
+2,500 steps: the digits are well formed early, *which* digit follows late. Its --eval (58 s):
 97.5% at w = 3 with 0.88 of the real digits' diversity. GPU and CIFAR-10: not measured yet.
 
 Left out on purpose: FID with an Inception network (--eval measures a Frechet distance in its
