@@ -64,8 +64,8 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -1001,21 +1001,28 @@ PRESETS = {
 }  # fmt: skip
 
 
+def preset_epilog():
+    """--help's last lines: each preset as the flags it stands for."""
+
+    def flag(key, value):  # ("ch_mult", [1, 2, 2]) -> "--ch-mult 1,2,2"
+        value = ",".join(f"{v:g}" for v in value) if isinstance(value, (list, tuple)) else value
+        return f"--{key.replace('_', '-')} {value}"
+
+    wrap = partial(textwrap.fill, width=100, initial_indent="  ", subsequent_indent="      ",
+                   break_on_hyphens=False)  # fmt: skip
+    lines = [wrap(f"--preset {name}: " + " ".join(flag(k, v) for k, v in values.items()))
+             for name, values in PRESETS.items()]  # fmt: skip
+    return "presets (flags given on the command line win):\n" + "\n".join(lines)
+
+
 def get_args(argv=None):
     class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
         """Defaults in the help, and the presets' epilog as written."""
 
-    def as_flags(values):  # {"ch_mult": [1, 2, 2]} -> "--ch-mult 1,2,2"
-        text = (",".join(map(str, v)) if isinstance(v, list) else str(v) for v in values.values())
-        return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in zip(values, text))
-
-    presets = [f"--preset {name}: {as_flags(values)}" for name, values in PRESETS.items()]
-    wrap = partial(textwrap.fill, width=100, initial_indent="  ", subsequent_indent="      ")
-    epilog = "presets (flags given on the command line win):\n" + "\n".join(map(wrap, presets))
     description = __doc__.strip().split("\n")[0]
-    p = argparse.ArgumentParser(f"{SCRIPT}.py", description=description, epilog=epilog,
+    p = argparse.ArgumentParser(f"{SCRIPT}.py", description=description, epilog=preset_epilog(),
                                 formatter_class=Formatter)  # fmt: skip
-    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, exit code 2
+    p.error = fail  # one line instead of the whole usage block, exit code 2
     # fmt: off
     p.add_argument("--preset", choices=tuple(PRESETS), help="a recipe of flag values (see below)")
     add = p.add_argument_group("data").add_argument

@@ -71,6 +71,7 @@ import signal
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
 from functools import partial
 from types import SimpleNamespace
@@ -1056,26 +1057,30 @@ PRESETS = {
 }  # fmt: skip
 
 
-def preset_help():
-    """--preset's help: each preset as the flags it stands for."""
+def preset_epilog():
+    """--help's last lines: each preset as the flags it stands for."""
 
-    def flag(key, value):
-        value = ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else value
+    def flag(key, value):  # ("ch_mult", [1, 2, 2]) -> "--ch-mult 1,2,2"
+        value = ",".join(f"{v:g}" for v in value) if isinstance(value, (list, tuple)) else value
         return f"--{key.replace('_', '-')} {value}"
 
-    recipes = (
-        f"{name} = {' '.join(flag(k, v) for k, v in d.items())}" for name, d in PRESETS.items()
-    )
-    return "a recipe of flag values (flags given on the command line win): " + "; ".join(recipes)
+    wrap = partial(textwrap.fill, width=100, initial_indent="  ", subsequent_indent="      ",
+                   break_on_hyphens=False)  # fmt: skip
+    lines = [wrap(f"--preset {name}: " + " ".join(flag(k, v) for k, v in values.items()))
+             for name, values in PRESETS.items()]  # fmt: skip
+    return "presets (flags given on the command line win):\n" + "\n".join(lines)
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(f"{SCRIPT}.py")
-    p.description = "Class-conditional flow matching with a DiT on MNIST, with CFG."
-    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter  # --help shows every default
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        """Defaults in the help, and the presets' epilog as written."""
+
+    description = "Class-conditional flow matching with a DiT on MNIST, with CFG."
+    p = argparse.ArgumentParser(f"{SCRIPT}.py", description=description, epilog=preset_epilog(),
+                                formatter_class=Formatter)  # fmt: skip
     p.error = fail  # one line instead of the whole usage block, exit code 2
     # fmt: off
-    p.add_argument("--preset", choices=tuple(PRESETS), default=None, help=preset_help())
+    p.add_argument("--preset", choices=tuple(PRESETS), help="a recipe of flag values (see below)")
     add = p.add_argument_group("data").add_argument
     add("--dataset", choices=("mnist", "synthetic"), default="mnist",
         help="torchvision MNIST, or procedural seven-segment digits built in memory")
@@ -1153,9 +1158,10 @@ def get_args(argv=None):
     add("--bench-steps", type=positive_int, default=20, help="timed training steps per variant")
     add("--bench-samples", type=positive_int, default=256, help="images per timed sampling run")
     # fmt: on
-    preset, _ = p.parse_known_args(argv)  # the preset's values become the defaults
-    p.set_defaults(**PRESETS.get(preset.preset, {}))
     args = p.parse_args(argv)
+    if args.preset:  # the preset's values become the defaults: given flags still win
+        p.set_defaults(**PRESETS[args.preset])
+        args = p.parse_args(argv)
     p.set_defaults(**dict.fromkeys(vars(args)))  # parse again without defaults: what was given?
     args.given = tuple(k for k, v in vars(p.parse_args(argv)).items() if v is not None)
 

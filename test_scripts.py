@@ -1480,7 +1480,7 @@ def test_flow_preset_values_are_defaults_that_flags_override(capsys):
     assert flow.get_args([]).width == 256 and flow.get_args([]).out_dir == "out/flow_dit_mnist"
     with pytest.raises(SystemExit):
         flow.get_args(["--help"])
-    assert "laptop = --width 128 --depth 4" in " ".join(capsys.readouterr().out.split())
+    assert "--preset laptop: --width 128 --depth 4" in capsys.readouterr().out
 
 
 def test_flow_train_size_is_balanced_and_seeded(capsys):
