@@ -1108,14 +1108,15 @@ def fail(message, code=2):
 
 
 def precision(name, device):
-    """(dtype, autocast context): bf16/fp16 run convs and matmuls in half precision, norms, softmax
-    and the loss in fp32; with fp32 the context is a no-op, so one `with ctx:` serves them all."""
+    """(dtype, autocast context). bf16/fp16 autocast runs convs and matmuls in half precision,
+    norms, softmax and the loss in fp32; with fp32 the context is a no-op, so one `with ctx:`
+    serves every precision. fp16 needs the GradScaler, which setup() switches on for it."""
     if name == "auto":
         # bf16 only where the GPU runs it natively (Ampere, compute capability 8.0+); older CUDA
         # GPUs (T4, V100) emulate it slowly: fp16 with the loss scaler there
         cuda = device.type == "cuda"
-        native = cuda and torch.cuda.get_device_capability(device) >= (8, 0)
-        name = ("bf16" if native else "fp16") if cuda else "fp32"
+        native_bf16 = cuda and torch.cuda.get_device_capability(device) >= (8, 0)
+        name = ("bf16" if native_bf16 else "fp16") if cuda else "fp32"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
     fp32 = dtype == torch.float32
     # fp32 is true fp32: no TF32 tensor cores in matmuls nor in cuDNN convolutions
@@ -1124,7 +1125,7 @@ def precision(name, device):
 
 
 def synchronize(device):
-    """Wait for the device's queued work, so that a clock around it measures the work itself."""
+    """Wait for the device's queued work (CUDA and MPS run asynchronously; the CPU does not)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":

@@ -414,20 +414,21 @@ def load_training_set(args):
     runs in size and balance)."""
     images, labels = load_dataset(args.dataset, args.data_dir, args.synthetic_size, args.seed)
     if args.train_size:
-        keep = balanced_subset(labels, args.train_size // NUM_CLASSES, args.seed)
+        keep = balanced_subset(labels, args.train_size, args.seed)
         images, labels = images[keep], labels[keep]
     return images, labels
 
 
-def balanced_subset(labels, per_class, seed):
-    """Sorted indices of per_class randomly chosen items of each class, the same for one seed."""
-    g, keep = torch.Generator().manual_seed(seed), []
+def balanced_subset(labels, size, seed):
+    """Sorted indices of size / 10 randomly chosen items of each class, the same for one seed:
+    --train-size 4000 on the full dataset trains on as many images as a 4,000-image set."""
+    g, keep, per_class = torch.Generator().manual_seed(seed), [], size // NUM_CLASSES
     for c in range(NUM_CLASSES):
-        idx = (labels == c).nonzero()[:, 0]
-        if len(idx) < per_class:
-            fail(f"--train-size {per_class * NUM_CLASSES} needs {per_class} images of each class, "
-                 f"but class {c} has {len(idx)}")  # fmt: skip
-        keep.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
+        of_class = (labels == c).nonzero()[:, 0]
+        if len(of_class) < per_class:
+            fail(f"--train-size {size} needs {per_class} images of each class, but the data holds "
+                 f"only {len(of_class)} of class {c}")  # fmt: skip
+        keep.append(of_class[torch.randperm(len(of_class), generator=g)[:per_class]])
     return torch.cat(keep).sort().values
 
 
@@ -597,9 +598,10 @@ def classify(classifier, images, device):
 
 
 def frechet_distance(a, b):
-    """Frechet distance between Gaussians fitted to two feature sets (N, D) and (M, D), as FID
-    computes it (Heusel et al. 2017): |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2).
-    0 for two sets with the same mean and covariance; a mean shift by c adds |c|^2."""
+    """Frechet distance between Gaussians fitted to features a (N, D) and b (M, D), as FID computes
+    it (Heusel et al. 2017): |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), the last
+    trace summed from the eigenvalues of that symmetric matrix. 0 for two sets with the same mean
+    and covariance; a mean shift by c adds |c|^2."""
     (mu_a, s_a), (mu_b, s_b) = [(f.double().mean(0), torch.cov(f.double().T)) for f in (a, b)]
     values, vectors = torch.linalg.eigh(s_a)
     root_a = vectors @ values.clamp(min=0).sqrt().diag() @ vectors.T  # S_a^1/2
@@ -953,8 +955,7 @@ def main(argv=None):
 
 
 def checked(convert, is_valid, expected):
-    """An argparse `type`: convert the text, then validate it, so that a bad value gets a one-line
-    error naming the flag, before any data or model is touched."""
+    """An argparse `type` that converts, then validates: one line naming the flag if bad."""
 
     def parse(text):
         with contextlib.suppress(ValueError):
@@ -1161,11 +1162,11 @@ def precision(name, device):
     norms, softmax and the loss in fp32; with fp32 the context is a no-op, so one `with ctx:`
     serves every precision. fp16 needs the GradScaler, which setup() switches on for it."""
     if name == "auto":
-        # bf16 only where the GPU runs it natively (Ampere, compute capability 8.0+); older
-        # CUDA GPUs (T4, V100) emulate it slowly: fp16 with the loss scaler there
+        # bf16 only where the GPU runs it natively (Ampere, compute capability 8.0+); older CUDA
+        # GPUs (T4, V100) emulate it slowly: fp16 with the loss scaler there
         cuda = device.type == "cuda"
-        new_gpu = cuda and torch.cuda.get_device_capability(device) >= (8, 0)
-        name = ("bf16" if new_gpu else "fp16") if cuda else "fp32"
+        native_bf16 = cuda and torch.cuda.get_device_capability(device) >= (8, 0)
+        name = ("bf16" if native_bf16 else "fp16") if cuda else "fp32"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
     fp32 = dtype == torch.float32
     # fp32 is true fp32: no TF32 tensor cores in matmuls nor in cuDNN convolutions
@@ -1352,7 +1353,7 @@ def benchmark(args, device):
 
 
 def synchronize(device):
-    """Wait until the GPU has finished the queued work (CUDA and MPS run asynchronously)."""
+    """Wait for the device's queued work (CUDA and MPS run asynchronously; the CPU does not)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":

@@ -463,16 +463,15 @@ def epoch_batches(num_items, batch_size, epoch, seed, rank=0, world_size=1, devi
 
 
 def balanced_subset(labels, size, seed):
-    """Indices (size,) of size / 10 training digits of each class, chosen by seed: --train-size
-    4000 on full MNIST trains on as many digits as the 4,000-digit measurements did."""
-    g = torch.Generator().manual_seed(seed)
-    keep = []
+    """Sorted indices of size / 10 randomly chosen items of each class, the same for one seed:
+    --train-size 4000 on the full dataset trains on as many images as a 4,000-image set."""
+    g, keep, per_class = torch.Generator().manual_seed(seed), [], size // NUM_CLASSES
     for c in range(NUM_CLASSES):
         of_class = (labels == c).nonzero()[:, 0]
-        if len(of_class) < size // NUM_CLASSES:
-            fail(f"--train-size {size} needs {size // NUM_CLASSES} digits of each class, but the "
-                 f"data holds only {len(of_class)} of class {c}")  # fmt: skip
-        keep.append(of_class[torch.randperm(len(of_class), generator=g)[: size // NUM_CLASSES]])
+        if len(of_class) < per_class:
+            fail(f"--train-size {size} needs {per_class} images of each class, but the data holds "
+                 f"only {len(of_class)} of class {c}")  # fmt: skip
+        keep.append(of_class[torch.randperm(len(of_class), generator=g)[:per_class]])
     return torch.cat(keep).sort().values
 
 
@@ -629,23 +628,24 @@ def mean_pairwise_distance(images):
 
 
 def frechet_distance(a, b):
-    """Frechet distance between Gaussians fitted to features a (N, D) and b (M, D), as in FID
-    (Heusel et al. 2017): |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)). The trace of the
-    root is summed from the eigenvalues of the symmetric S_a^(1/2) S_b S_a^(1/2), which has the
-    same eigenvalues as S_a S_b."""
-    a, b = a.double(), b.double()
-    s_a, s_b = torch.cov(a.T), torch.cov(b.T)  # (D, D) each
+    """Frechet distance between Gaussians fitted to features a (N, D) and b (M, D), as FID computes
+    it (Heusel et al. 2017): |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), the last
+    trace summed from the eigenvalues of that symmetric matrix. 0 for two sets with the same mean
+    and covariance; a mean shift by c adds |c|^2."""
+    (mu_a, s_a), (mu_b, s_b) = [(f.double().mean(0), torch.cov(f.double().T)) for f in (a, b)]
     values, vectors = torch.linalg.eigh(s_a)
-    root_a = vectors * values.clamp_min(0).sqrt() @ vectors.T  # S_a^(1/2)
-    cross = torch.linalg.eigvalsh(root_a @ s_b @ root_a).clamp_min(0).sqrt().sum()
-    return ((a.mean(0) - b.mean(0)).square().sum() + s_a.trace() + s_b.trace() - 2 * cross).item()
+    root_a = vectors @ values.clamp(min=0).sqrt().diag() @ vectors.T  # S_a^1/2
+    cross = torch.linalg.eigvalsh(root_a @ s_b @ root_a).clamp(min=0).sqrt().sum()
+    return ((mu_a - mu_b).square().sum() + s_a.trace() + s_b.trace() - 2 * cross).item()
 
 
-def wilson_interval(p, n, z=1.96):
-    """95% interval of a fraction p measured on n samples (Wilson score interval: unlike
-    p +- z sqrt(p (1 - p) / n) it stays inside [0, 1] and is not empty at p = 1)."""
-    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+def wilson_interval(hits, n, z=1.96):
+    """95% Wilson score interval of a proportion hits / n: unlike p +- 1.96 sqrt(p (1 - p) / n)
+    it stays inside [0, 1] and does not shrink to a point at 0 or 1."""
+    p, z2 = hits / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return centre - half, centre + half
 
 
 @torch.no_grad()
@@ -667,7 +667,7 @@ def fidelity(classifier, images, labels, device, reference=None):
     classes = [c for c in range(NUM_CLASSES) if (labels == c).sum() >= 2]
     return {
         "accuracy": hit.mean().item(),
-        "interval95": wilson_interval(hit.mean().item(), len(hit)),
+        "interval95": wilson_interval(hit.sum().item(), len(hit)),
         "confidence": probs[torch.arange(len(labels)), labels].mean().item(),
         "diversity": statistics.mean(mean_pairwise_distance(images[labels == c]) for c in classes),
         "fd": math.nan if reference is None else frechet_distance(features, reference),
@@ -1203,13 +1203,13 @@ def fail(message, code=2):
 def precision(name, device):
     """(dtype, autocast context). bf16/fp16 autocast runs convs and matmuls in half precision,
     norms, softmax and the loss in fp32; with fp32 the context is a no-op, so one `with ctx:`
-    serves every precision."""
+    serves every precision. fp16 needs the GradScaler, which setup() switches on for it."""
     if name == "auto":
         # bf16 only where the GPU runs it natively (Ampere, compute capability 8.0+); older CUDA
         # GPUs (T4, V100) emulate it slowly: fp16 with the loss scaler there
         cuda = device.type == "cuda"
         native_bf16 = cuda and torch.cuda.get_device_capability(device) >= (8, 0)
-        name = "bf16" if native_bf16 else "fp16" if cuda else "fp32"
+        name = ("bf16" if native_bf16 else "fp16") if cuda else "fp32"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
     fp32 = dtype == torch.float32
     # fp32 is true fp32: no TF32 tensor cores in matmuls nor in cuDNN convolutions
@@ -1290,7 +1290,7 @@ def check_output_paths(out_dir, ckpt_path, writes_ckpt, fresh=False):
 
 
 def save_checkpoint(state, path):
-    """Atomic: write a temporary file, then rename it over the old one; a crash keeps the old."""
+    """Atomic: a crash or kill during torch.save leaves the previous file at `path` untouched."""
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
 
@@ -1404,7 +1404,7 @@ def timed(fn, device, repeat=1):
 
 
 def synchronize(device):
-    """Wait for the device's queued kernels (CUDA and MPS run asynchronously; the CPU does not)."""
+    """Wait for the device's queued work (CUDA and MPS run asynchronously; the CPU does not)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":

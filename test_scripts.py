@@ -536,15 +536,18 @@ def test_ddpm_preset_sets_defaults_and_given_flags_win(capsys):
 
 def test_ddpm_train_size_is_balanced_and_seeded(capsys):
     labels = torch.cat([torch.full((n,), c) for c, n in enumerate(range(20, 30))])  # unbalanced
-    keep = ddpm.balanced_subset(labels, 7, seed=0)
+    keep = ddpm.balanced_subset(labels, 70, seed=0)
     assert torch.bincount(labels[keep]).tolist() == [7] * 10 and len(set(keep.tolist())) == 70
-    assert torch.equal(keep, ddpm.balanced_subset(labels, 7, seed=0)), "the same for one seed"
-    assert not torch.equal(keep, ddpm.balanced_subset(labels, 7, seed=1)), "another seed"
+    assert torch.equal(keep, ddpm.balanced_subset(labels, 70, seed=0)), "the same for one seed"
+    assert not torch.equal(keep, ddpm.balanced_subset(labels, 70, seed=1)), "another seed"
     with pytest.raises(SystemExit) as exit_info:
-        ddpm.balanced_subset(labels, 21, seed=0)
+        ddpm.balanced_subset(labels, 210, seed=0)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1
-    assert "--train-size 210 needs 21 images of each class, but class 0 has 20" in err
+    assert (
+        "--train-size 210 needs 21 images of each class, but the data holds only 20 of class 0"
+        in err
+    )
     args = tiny_ddpm("--train-size", "20")
     images, labels = ddpm.load_training_set(args)
     assert len(images) == 20 and torch.bincount(labels).tolist() == [2] * 10
@@ -1493,7 +1496,7 @@ def test_flow_train_size_is_balanced_and_seeded(capsys):
         flow.balanced_subset(labels, 400, seed=0)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1
-    assert "--train-size 400 needs 40 digits of each class, but the data holds only 30" in err
+    assert "--train-size 400 needs 40 images of each class, but the data holds only 30" in err
 
 
 def test_flow_fresh_run_refuses_an_occupied_out_dir(tmp_path, monkeypatch, capsys):
@@ -1537,8 +1540,8 @@ def test_flow_wilson_interval_diversity_and_frechet_distance_by_hand():
     points = torch.tensor([0.0, 3.0, 4.0]).view(3, 1, 1, 1)  # pairs 3, 4 and 1 apart
     assert flow.mean_pairwise_distance(points) == pytest.approx(8 / 3)
     z2 = 1.96**2
-    assert flow.wilson_interval(1.0, 300) == pytest.approx((300 / (300 + z2), 1.0))
-    lo, hi = flow.wilson_interval(0.5, 100)
+    assert flow.wilson_interval(300, 300) == pytest.approx((300 / (300 + z2), 1.0))
+    lo, hi = flow.wilson_interval(50, 100)
     assert (lo, hi) == pytest.approx((0.4038, 0.5962), abs=1e-4)
     g = torch.Generator().manual_seed(0)
     a = torch.randn(400, 6, generator=g)
