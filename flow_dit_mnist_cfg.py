@@ -656,10 +656,10 @@ def classify(classifier, images, device):
 
 
 def fidelity(classifier, images, labels, device, reference=None):
-    """accuracy: fraction classified as the requested class, with its 95% interval; confidence:
-    mean probability of the requested class; diversity: mean pairwise distance within a class,
-    averaged over classes; per_class: the accuracy of each class; fd: the Frechet distance
-    between the images' and the `reference` features (if given). images (N, C, H, W) in
+    """accuracy: fraction classified as the requested class, with its 95% (Wilson) interval ci;
+    confidence: mean probability of the requested class; diversity: mean pairwise distance within
+    a class, averaged over classes; per_class: the accuracy of each class; fd: the Frechet
+    distance between the images' and the `reference` features (if given). images (N, C, H, W) in
     [-1, 1], on the CPU."""
     logits, features = classify(classifier, images, device)
     probs = logits.softmax(-1)  # (N, 10)
@@ -667,12 +667,20 @@ def fidelity(classifier, images, labels, device, reference=None):
     classes = [c for c in range(NUM_CLASSES) if (labels == c).sum() >= 2]
     return {
         "accuracy": hit.mean().item(),
-        "interval95": wilson_interval(hit.sum().item(), len(hit)),
+        "ci": wilson_interval(hit.sum().item(), len(hit)),
         "confidence": probs[torch.arange(len(labels)), labels].mean().item(),
         "diversity": statistics.mean(mean_pairwise_distance(images[labels == c]) for c in classes),
         "fd": math.nan if reference is None else frechet_distance(features, reference),
         "per_class": [hit[labels == c].mean().item() for c in range(NUM_CLASSES)],
     }
+
+
+def split_in_halves(labels):
+    """Indices of two halves of a labelled set, each class's items dealt alternately into them
+    (whatever order the set is stored in): the real row's images and the FD reference."""
+    return [
+        torch.cat([(labels == c).nonzero()[i::2, 0] for c in range(NUM_CLASSES)]) for i in (0, 1)
+    ]
 
 
 def evaluate(model, sample, classifier, test_set, scales, interval, per_class, seed):
@@ -683,71 +691,55 @@ def evaluate(model, sample, classifier, test_set, scales, interval, per_class, s
     row's FD (real against real) is the floor that finite sample sizes leave."""
     device = next(model.parameters()).device
     images, labels = test_set
-    # each class's test digits dealt alternately into two halves: the real row's come from the
-    # first (up to per_class of each class), the FD reference is the second
-    halves = [
-        torch.cat([(labels == c).nonzero()[i::2, 0] for c in range(NUM_CLASSES)]) for i in (0, 1)
-    ]
+    halves = split_in_halves(labels)
     reference = classify(classifier, to_model_range(images[halves[1]]), device)[1]  # (M, 128)
     real = torch.cat([halves[0][labels[halves[0]] == c][:per_class] for c in range(NUM_CLASSES)])
     x_real, y_real = to_model_range(images[real]), labels[real]
-    yield {"w": "real", "interval": None,
+    yield {"w": "real", "interval": None, "label": "real",
            **fidelity(classifier, x_real, y_real, device, reference)}  # fmt: skip
     y = torch.arange(NUM_CLASSES).repeat_interleave(per_class)  # (10 * per_class,)
     for w, where in [(w, None) for w in scales] + [(w, interval) for w in scales if w > 1]:
         guided = partial(sample, interval=where or (0, 1))
-        with tqdm(
-            total=len(y), desc=row_label({"w": w, "interval": where}), unit="img", leave=False
-        ) as bar:
+        label = f"{w:g}" + (" in [{:g}, {:g}]".format(*where) if where else "")
+        with tqdm(total=len(y), desc=f"w = {label}", unit="img", leave=False) as bar:
             samples = sample_rows(model, guided, y.to(device), [w], seed, 100, bar).cpu()
-        yield {"w": w, "interval": where,
+        yield {"w": w, "interval": where, "label": label,
                **fidelity(classifier, samples, y, device, reference)}  # fmt: skip
 
 
-EVAL_HEADER = ["w", "accuracy", "95% interval", "confidence", "diversity", "FD", *DIGITS]
-
-
-def row_label(row):
-    """'real', '4', or '4 in [0, 0.7]' for a row guided only in an interval."""
-    label = "real" if row["w"] == "real" else f"{row['w']:g}"
-    return label + (" in [{:g}, {:g}]".format(*row["interval"]) if row["interval"] else "")
-
-
-def print_eval_row(row):
-    """One line of the table, printed as soon as its row is done (the header for row=None)."""
+def format_row(row, class_names):
+    """One line of the --eval table (the header for row None): label, accuracy, its interval,
+    confidence, diversity, FD, then each class's accuracy."""
     if row is None:
-        h = EVAL_HEADER
-        return print(f"{h[0]:>15}{h[1]:>9}{h[2]:>17}" + "".join(f"{c:>11}" for c in h[3:]))
-    lo, hi = row["interval95"]
+        columns = ["accuracy", "95% CI", "confidence", "diversity", "FD", *class_names]
+        return f"{'w':>15}" + "".join(f"{h[:10]:>11}" for h in columns)
     values = [row["confidence"], row["diversity"], row["fd"], *row["per_class"]]
-    print(f"{row_label(row):>15}{row['accuracy']:9.3f}   [{lo:.3f}, {hi:.3f}]"
-          + "".join(f"{v:11.3f}" for v in values), flush=True)  # fmt: skip
+    cells = [f"{row['accuracy']:.3f}", "{:.2f}-{:.2f}".format(*row["ci"])]
+    cells += [f"{v:.3f}" for v in values]
+    return f"{row['label']:>15}" + "".join(f"{c:>11}" for c in cells)
 
 
-def report_eval(rows, out_dir):
-    """eval.csv, with each class's accuracy, and eval.png: accuracy and diversity against w, and
-    which classes guidance helps most."""
-    labels = [row_label(r) for r in rows]
+def save_eval(rows, class_names, interval, out_dir):
+    """eval.csv (the table, with each class's accuracy) and eval.png: accuracy, diversity and FD
+    against w, and which classes guidance helps most."""
+    header = ["w", "accuracy", "ci_low", "ci_high", "confidence", "diversity", "fd", *class_names]
+    table = [[r["label"], r["accuracy"], *r["ci"], r["confidence"], r["diversity"], r["fd"],
+              *r["per_class"]] for r in rows]  # fmt: skip
     with open(os.path.join(out_dir, "eval.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["w", "accuracy", "accuracy_lo95", "accuracy_hi95", *EVAL_HEADER[3:]])
-        for label, r in zip(labels, rows):
-            writer.writerow([label, r["accuracy"], *r["interval95"], r["confidence"],
-                             r["diversity"], r["fd"], *r["per_class"]])  # fmt: skip
-    fig = figure(figsize=(16, 4))
-    axes = fig.subplots(1, 3)
-    full = [r for r in rows[1:] if r["interval"] is None]
-    for part, style in ((full, "o-"), ([r for r in rows if r["interval"]], "s--")):
-        if not part:  # no w > 1 in --eval-scales: no rows guided only in the interval
-            continue
-        name = "whole path" if part is full else labels[rows.index(part[0])].split(" ", 1)[1]
-        for ax, key in zip(axes, ("accuracy", "diversity")):
-            ax.plot([r["w"] for r in part], [r[key] for r in part], style, label=name)
-    for ax, key in zip(axes, ("accuracy", "diversity")):
-        ax.axhline(rows[0][key], ls=":", c="k")  # the real images, once per panel
-    for c, name in enumerate(DIGITS):
-        axes[2].plot([r["w"] for r in full], [r["per_class"][c] for r in full], "o-", label=name)
-    titles = ("classified as requested", "diversity (dotted: real images)", "accuracy per class")
+        csv.writer(f).writerows([header, *table])
+    fig = figure(figsize=(21, 4))
+    axes = fig.subplots(1, 4)
+    whole, inside = ([r for r in rows[1:] if r["interval"] == i] for i in (None, interval))
+    guided = "in [{:g}, {:g}]".format(*interval)
+    for ax, key in zip(axes, ("accuracy", "diversity", "fd")):
+        for part, style, name in ((whole, "o-", "whole path"), (inside, "s--", guided)):
+            if part:
+                ax.plot([r["w"] for r in part], [r[key] for r in part], style, label=name)
+        ax.axhline(rows[0][key], ls=":", c="k")  # the real images
+    for c, name in enumerate(class_names):
+        axes[3].plot([r["w"] for r in whole], [r["per_class"][c] for r in whole], "o-", label=name)
+    titles = ("classified as requested (dotted: real)", "diversity (dotted: real)",
+              "FD to real test images (dotted: real)", "accuracy per class")  # fmt: skip
     for ax, title in zip(axes, titles):
         ax.set(xlabel="guidance scale w", title=title)
         ax.legend(fontsize=7)
@@ -1004,13 +996,13 @@ def evaluate_checkpoint(run, args, device):
           f"{args.sample_steps} steps; accuracy with its 95% (Wilson) interval; FD: Frechet "
           "distance to half of the test digits in the classifier's features")  # fmt: skip
     t0, rows = time.perf_counter(), []
-    print_eval_row(None)
+    print(format_row(None, DIGITS))
     for row in evaluate(run.sampler, run.sample, classifier, test_set, args.eval_scales,
                         args.eval_interval, per_class, args.seed):  # fmt: skip
-        print_eval_row(row)
+        print(format_row(row, DIGITS), flush=True)
         rows.append(row)
-    print(f"{len(rows)} rows in {time.perf_counter() - t0:.0f} s")
-    report_eval(rows, args.out_dir)
+    print(f"{len(rows) - 1} rows in {time.perf_counter() - t0:.0f} s")
+    save_eval(rows, DIGITS, args.eval_interval, args.out_dir)
 
 
 # -----------------------------------------------------------------------------

@@ -1216,16 +1216,17 @@ def test_flow_end_to_end_then_eval(tmp_path, capsys, monkeypatch):
     assert "classifier: trained" not in stdout, "the learning curve's classifier, cached"
     table = stdout.splitlines()
     header = next(i for i, line in enumerate(table) if line.split()[:2] == ["w", "accuracy"])
-    assert table[header].split()[2:6] == ["95%", "interval", "confidence", "diversity"]
+    assert table[header].split()[2:6] == ["95%", "CI", "confidence", "diversity"]
     assert [line.split()[0] for line in table[header + 1 : header + 5]] == ["real", "0", "4", "4"]
-    real = table[header + 1].split()  # real, accuracy, [lo, hi], ...
-    assert float(real[2].strip("[,")) <= float(real[1]) <= float(real[3].strip("]"))
+    real = table[header + 1].split()  # real, accuracy, lo-hi, ...
+    lo, hi = map(float, real[2].split("-"))
+    assert lo <= float(real[1]) <= hi
     with open(out / "eval.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["w"] for r in rows] == ["real", "0", "4", "4 in [0, 0.7]"]
     for r in rows:
-        assert 0 <= float(r["accuracy_lo95"]) <= float(r["accuracy"]) <= float(r["accuracy_hi95"])
-        assert float(r["diversity"]) > 0 and float(r["FD"]) >= 0
+        assert 0 <= float(r["ci_low"]) <= float(r["accuracy"]) <= float(r["ci_high"])
+        assert float(r["diversity"]) > 0 and float(r["fd"]) >= 0
         assert all(0 <= float(r[digit]) <= 1 for digit in "0123456789")
     for name in ["eval.png", "classifier.pt"]:
         assert (out / name).stat().st_size > 0, name
