@@ -5,6 +5,7 @@ flags, data is the scripts' built-in synthetic data (nothing is downloaded), and
 tests run the real command lines in subprocesses.
 """
 
+import concurrent.futures
 import contextlib
 import copy
 import csv
@@ -15,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -1428,22 +1430,38 @@ def test_flow_compile_wraps_ddp_and_compiles_once(tmp_path, monkeypatch, capsys)
     torch._dynamo.reset()
 
 
-@pytest.mark.skipif(
-    not any(shutil.which(cc) for cc in ("cc", "gcc", "g++", "clang")),
-    reason="torch.compile (inductor) on the CPU needs a C++ compiler; none was found",
-)
-def test_flow_real_compile_on_cpu_matches_eager(monkeypatch):
-    """The one real torch.compile of the suite (inductor, a depth-1 DiT, the sampling forward):
-    one graph with no breaks, and the eager velocities."""
-    import torch._inductor.config
+COMPILE_CHECK = """
+import sys
+import torch
+import torch._inductor.config
+sys.path.insert(0, {here!r})
+from test_scripts import flow, randomize, tiny_inputs
 
-    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)  # no worker pool to start
-    model = randomize(flow.DiT(width=16, depth=1, heads=2, cond_dim=16), std=0.05).eval()
-    x, t, y = tiny_inputs(B=4)
-    with torch.no_grad():
-        compiled = torch.compile(model, fullgraph=True)(x, t, y)
-        torch.testing.assert_close(compiled, model(x, t, y), rtol=1e-4, atol=1e-5)
-    torch._dynamo.reset()
+torch._inductor.config.compile_threads = 1  # no worker pool to start
+model = randomize(flow.DiT(width=16, depth=1, heads=2, cond_dim=16), std=0.05).eval()
+x, t, y = tiny_inputs(B=4)
+with torch.no_grad():
+    compiled = torch.compile(model, fullgraph=True)(x, t, y)
+    torch.testing.assert_close(compiled, model(x, t, y), rtol=1e-4, atol=1e-5)
+print("compiled == eager")
+"""
+HAS_CC = any(shutil.which(cc) for cc in ("cc", "gcc", "g++", "clang"))
+
+
+def start_compile_check(name, out_dir):
+    """COMPILE_CHECK in a process of its own (it runs in the background, see background_runs)."""
+    script = out_dir / "compile_check.py"
+    script.write_text(COMPILE_CHECK.format(here=str(HERE)))
+    return start([sys.executable, str(script)], out_dir, cwd=out_dir)
+
+
+@pytest.mark.skipif(not HAS_CC, reason="torch.compile (inductor) on the CPU needs a C++ compiler")
+def test_flow_real_compile_on_cpu_matches_eager(background_runs):
+    """The one real torch.compile of the suite (inductor, a depth-1 DiT, the sampling forward):
+    one graph with no breaks (fullgraph=True), and the eager velocities."""
+    proc, out_dir = background_runs["test_flow_real_compile_on_cpu_matches_eager", None].result()
+    out, err = output(proc, out_dir)
+    assert proc.returncode == 0 and "compiled == eager" in out, err[-3000:]
 
 
 def test_flow_resume_fp16_from_a_bf16_checkpoint(tmp_path, monkeypatch):
@@ -2403,14 +2421,34 @@ def wait_for(path, timeout=90):
 
 
 def start_long_run(name, out_dir):
-    """A training run that saves a checkpoint every few steps and would run for long."""
+    """A training run that saves a checkpoint every few steps and would run for long; a watcher
+    sends it Ctrl-C (SIGINT) as soon as its first checkpoint is on disk."""
     if name == "cross_attention_toy":
         length = ["--max-steps", "1000000", "--save-every", "2"]
     else:  # a checkpoint every epoch of two steps
         length = ["--synthetic-size", "16", "--epochs", "100000"]
     flags = TINY[name] + length + ["--out-dir", str(out_dir)]
-    return subprocess.Popen([sys.executable, str(HERE / f"{name}.py"), *flags], cwd=HERE, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = start([sys.executable, str(HERE / f"{name}.py"), *flags], out_dir, cwd=HERE)
+
+    def interrupt_when_saved():
+        with contextlib.suppress(AssertionError):
+            wait_for(out_dir / "ckpt.pt")
+            proc.send_signal(signal.SIGINT)
+
+    threading.Thread(target=interrupt_when_saved, daemon=True).start()
+    return proc
+
+
+def start(cmd, out_dir, cwd):
+    """Popen with stdout and stderr in files of out_dir (read them with output())."""
+    with open(out_dir / "stdout.txt", "w") as out, open(out_dir / "stderr.txt", "w") as err:
+        return subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=out, stderr=err, text=True)
+
+
+def output(proc, out_dir, timeout=180):
+    """(stdout, stderr) of a process from start(), once it has exited."""
+    proc.wait(timeout=timeout)
+    return (out_dir / "stdout.txt").read_text(), (out_dir / "stderr.txt").read_text()
 
 
 class Killed(BaseException):
@@ -2438,23 +2476,41 @@ def test_death_during_a_save_keeps_the_previous_checkpoint(name, tmp_path, monke
     assert ckpt["step"] == 2 and ckpt["script"] == name
 
 
-@pytest.fixture(scope="module")
-def long_runs(tmp_path_factory):
-    """{name: (process, out_dir)}: the long runs of all three scripts, started together so that
-    their start-ups (importing torch, building data and model) overlap instead of adding up."""
-    out_dirs = {name: tmp_path_factory.mktemp(name) for name in SCRIPTS}
-    runs = {name: (start_long_run(name, out_dir), out_dir) for name, out_dir in out_dirs.items()}
-    yield runs
-    for proc, _ in runs.values():
+@pytest.fixture(scope="session", autouse=True)
+def background_runs(request, tmp_path_factory):
+    """{(test name, script or None): future of (process, out_dir)}: the tests' subprocess runs
+    (the real compile, Ctrl-C, torchrun), run one after another in the background from the start
+    of the session, for the tests it will run. The in-process tests use one CPU core
+    (torch.set_num_threads(1)); these runs take the other instead of waiting their turn."""
+    starters = {
+        "test_flow_real_compile_on_cpu_matches_eager": start_compile_check,
+        "test_ctrl_c_saves_and_exits_cleanly": start_long_run,
+        "test_torchrun_two_ranks_disjoint_shards_identical_weights_and_ema": start_torchrun,
+    }
+    if not HAS_CC:  # that test is skipped
+        del starters["test_flow_real_compile_on_cpu_matches_eager"]
+    wanted = [(item.originalname, getattr(item, "callspec", None)) for item in request.session.items
+              if item.originalname in starters]  # fmt: skip
+    wanted = [(test, params and params.params["name"]) for test, params in wanted]
+    started = []
+
+    def run(test, name, out_dir):
+        started.append(starters[test](name, out_dir))
+        started[-1].wait(timeout=180)
+        return started[-1], out_dir
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # one run at a time
+    out_dirs = {key: tmp_path_factory.mktemp(key[1] or "run") for key in wanted}
+    yield {key: pool.submit(run, *key, out_dir) for key, out_dir in out_dirs.items()}
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in started:
         proc.kill()
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_ctrl_c_saves_and_exits_cleanly(name, long_runs):
-    proc, out_dir = long_runs[name]
-    wait_for(out_dir / "ckpt.pt")
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+def test_ctrl_c_saves_and_exits_cleanly(name, background_runs):
+    proc, out_dir = background_runs["test_ctrl_c_saves_and_exits_cleanly", name].result()
+    out, err = output(proc, out_dir)
     assert proc.returncode == 0, err
     step = torch.load(out_dir / "ckpt.pt", weights_only=True)["step"]
     assert f"interrupted at step {step}: saved {out_dir / 'ckpt.pt'}" in out
@@ -2713,16 +2769,23 @@ torch.save({{"model": model.state_dict(), "ema": emas[0].state_dict(), "shards":
 """
 
 
-@pytest.mark.parametrize("name", ["ddpm_cifar_cfg", "flow_dit_mnist_cfg"])
-def test_torchrun_two_ranks_disjoint_shards_identical_weights_and_ema(name, tmp_path):
-    wrapper = tmp_path / "rank.py"
-    wrapper.write_text(TORCHRUN_WRAPPER.format(here=str(HERE), name=name, out=str(tmp_path)))
+def start_torchrun(name, out_dir):
+    """Two ranks (gloo on the CPU) of a tiny run, each saving its weights, EMA and shards."""
+    wrapper = out_dir / "rank.py"
+    wrapper.write_text(TORCHRUN_WRAPPER.format(here=str(HERE), name=name, out=str(out_dir)))
     flags = TINY[name] + ["--epochs", "2", "--synthetic-size", "32", "--max-steps", "5",
-                          "--out-dir", str(tmp_path / "out")]  # fmt: skip
+                          "--out-dir", str(out_dir / "out")]  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(wrapper), *flags]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=ENV, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    return start(cmd, out_dir, cwd=out_dir)
+
+
+@pytest.mark.parametrize("name", ["ddpm_cifar_cfg", "flow_dit_mnist_cfg"])
+def test_torchrun_two_ranks_disjoint_shards_identical_weights_and_ema(name, background_runs):
+    test = "test_torchrun_two_ranks_disjoint_shards_identical_weights_and_ema"
+    proc, tmp_path = background_runs[test, name].result()
+    stdout, stderr = output(proc, tmp_path)
+    assert proc.returncode == 0, stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
     assert len(rank0["shards"]) == 2, "two epochs"
     for shard0, shard1 in zip(rank0["shards"], rank1["shards"], strict=True):
@@ -2735,7 +2798,7 @@ def test_torchrun_two_ranks_disjoint_shards_identical_weights_and_ema(name, tmp_
     assert ckpt["step"] == 5
     for key, value in ckpt["ema"].items():
         assert torch.equal(value, rank0["ema"][key]), key
-    assert r.stdout.count("done: 5 steps") == 1, "only rank 0 prints"
+    assert stdout.count("done: 5 steps") == 1, "only rank 0 prints"
 
 
 class CountingModel(torch.nn.Module):
