@@ -936,6 +936,9 @@ def main(argv=None):
                 save_image_grid(x, path, title, CLASS_NAMES[args.dataset])
             t_log = time.perf_counter()
 
+    if world_size > 1:  # every rank leaves the group here; rank 0 then draws the figures
+        dist.barrier()  # the gloo threads idle first (a busy group can hang on exit)
+        dist.destroy_process_group()
     if master:
         save_loss_curve(losses, f"{args.out_dir}/loss.png", f"{SCRIPT}: training loss")
         if stop:
@@ -945,8 +948,6 @@ def main(argv=None):
                   f"checkpoint {ckpt_path}")  # fmt: skip
             with run.ctx:
                 run_experiments(run.model, run.sampler, run.sample, args)
-    if world_size > 1:
-        dist.destroy_process_group()
     return run.model
 
 

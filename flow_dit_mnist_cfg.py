@@ -931,6 +931,9 @@ def main(argv=None):
                 plot_class_grid(run.sampler, run.sample, path, args.guidance_scale, args.seed, 4)
             t_log = time.perf_counter()
 
+    if world_size > 1:  # every rank leaves the group here; rank 0 then draws the figures
+        dist.barrier()  # the gloo threads idle first (a busy group can hang on exit)
+        dist.destroy_process_group()
     if master:
         if stop:
             save_loss_curve(
@@ -940,8 +943,6 @@ def main(argv=None):
         else:
             print(f"done: {step} steps, checkpoint {ckpt_path}")
             run_experiments(run.sampler, run.sample, losses, args)
-    if world_size > 1:
-        dist.destroy_process_group()
     return run.model
 
 
