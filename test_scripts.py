@@ -2440,9 +2440,11 @@ def start_long_run(name, out_dir):
 
 
 def start(cmd, out_dir, cwd):
-    """Popen with stdout and stderr in files of out_dir (read them with output())."""
+    """Popen with stdout and stderr in files of out_dir (read them with output()), in a session
+    of its own, so that killing that session also ends torchrun's ranks."""
     with open(out_dir / "stdout.txt", "w") as out, open(out_dir / "stderr.txt", "w") as err:
-        return subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=out, stderr=err, text=True)
+        return subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=out, stderr=err, text=True,
+                                start_new_session=True)  # fmt: skip
 
 
 def output(proc, out_dir, timeout=180):
@@ -2504,7 +2506,8 @@ def background_runs(request, tmp_path_factory):
     yield {key: pool.submit(run, *key, out_dir) for key, out_dir in out_dirs.items()}
     pool.shutdown(wait=False, cancel_futures=True)
     for proc in started:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
