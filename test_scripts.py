@@ -1460,7 +1460,7 @@ def test_flow_real_compile_on_cpu_matches_eager(background_runs):
     """The one real torch.compile of the suite (inductor, a depth-1 DiT, the sampling forward):
     one graph with no breaks (fullgraph=True), and the eager velocities."""
     proc, out_dir = background_runs["test_flow_real_compile_on_cpu_matches_eager", None].result()
-    out, err = output(proc, out_dir)
+    out, err = output(out_dir)
     assert proc.returncode == 0 and "compiled == eager" in out, err[-3000:]
 
 
@@ -2447,9 +2447,8 @@ def start(cmd, out_dir, cwd):
                                 start_new_session=True)  # fmt: skip
 
 
-def output(proc, out_dir, timeout=180):
-    """(stdout, stderr) of a process from start(), once it has exited."""
-    proc.wait(timeout=timeout)
+def output(out_dir):
+    """(stdout, stderr) of an exited process from start()."""
     return (out_dir / "stdout.txt").read_text(), (out_dir / "stderr.txt").read_text()
 
 
@@ -2480,9 +2479,9 @@ def test_death_during_a_save_keeps_the_previous_checkpoint(name, tmp_path, monke
 
 @pytest.fixture(scope="session", autouse=True)
 def background_runs(request, tmp_path_factory):
-    """{(test name, script or None): future of (process, out_dir)}: the tests' subprocess runs
-    (the real compile, Ctrl-C, torchrun), run one after another in the background from the start
-    of the session, for the tests it will run. The in-process tests use one CPU core
+    """{(test name, script or None): future of (exited process, out_dir)}: the tests' subprocess
+    runs (the real compile, Ctrl-C, torchrun), run one after another in the background from the
+    start of the session, for the tests it will run. The in-process tests use one CPU core
     (torch.set_num_threads(1)); these runs take the other instead of waiting their turn."""
     starters = {
         "test_flow_real_compile_on_cpu_matches_eager": start_compile_check,
@@ -2513,7 +2512,7 @@ def background_runs(request, tmp_path_factory):
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_ctrl_c_saves_and_exits_cleanly(name, background_runs):
     proc, out_dir = background_runs["test_ctrl_c_saves_and_exits_cleanly", name].result()
-    out, err = output(proc, out_dir)
+    out, err = output(out_dir)
     assert proc.returncode == 0, err
     step = torch.load(out_dir / "ckpt.pt", weights_only=True)["step"]
     assert f"interrupted at step {step}: saved {out_dir / 'ckpt.pt'}" in out
@@ -2787,7 +2786,7 @@ def start_torchrun(name, out_dir):
 def test_torchrun_two_ranks_disjoint_shards_identical_weights_and_ema(name, background_runs):
     test = "test_torchrun_two_ranks_disjoint_shards_identical_weights_and_ema"
     proc, tmp_path = background_runs[test, name].result()
-    stdout, stderr = output(proc, tmp_path)
+    stdout, stderr = output(tmp_path)
     assert proc.returncode == 0, stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
     assert len(rank0["shards"]) == 2, "two epochs"
